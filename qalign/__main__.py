@@ -1,0 +1,3 @@
+from qalign.cli import main
+
+main()

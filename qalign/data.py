@@ -1,0 +1,280 @@
+"""Reading and checking training data: files and hub datasets in, validated conversations out.
+
+Every row is checked before any training starts, and every problem names its file and line. Local JSONL is
+parsed here (not by `datasets`) so that line numbers are exact; parquet, CSV and hub ids go through
+`datasets` and are named by row number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from qalign.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
+# The keys that identify each format in `format: auto`, in the order they are tried.
+FORMAT_KEYS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+}
+
+
+@dataclass
+class Row:
+    where: str
+    """file:line (or file:row N, or dataset:split row N) for messages."""
+    data: dict
+
+
+def read_rows(source: str, split: str = "train") -> list[Row]:
+    """Every row of a local file or hub dataset, each tagged with where it came from."""
+    path = Path(source)
+    if path.exists():
+        if path.is_dir():
+            raise UserError(
+                f"{path}: is a folder; point the recipe at a .jsonl, .json, .parquet or .csv file"
+            )
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            rows = list(_read_jsonl(path))
+        elif suffix == ".json":
+            rows = _read_json(path)
+        elif suffix in (".parquet", ".csv"):
+            rows = _read_with_datasets(suffix[1:], str(path), str(path), data_files=str(path))
+        else:
+            raise UserError(
+                f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .parquet or .csv"
+            )
+        if not rows:
+            raise UserError(f"{path}: no rows; the file is empty")
+        return rows
+    rows = _read_with_datasets(source, f"{source}[{split}]", split=split)
+    if not rows:
+        raise UserError(f"{source}: split '{split}' has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{where}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{where}: each line must be a JSON object, got {type(data).__name__}")
+            yield Row(where, data)
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of objects (or use .jsonl, one object per line)")
+    rows = []
+    for index, item in enumerate(data):
+        where = f"{path}: item {index}"
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: each item must be a JSON object, got {type(item).__name__}")
+        rows.append(Row(where, item))
+    return rows
+
+
+def _read_with_datasets(
+    name: str, label: str, split: str = "train", data_files: str | None = None
+) -> list[Row]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency; this guards broken installs
+        raise UserError(
+            f"{label}: reading this needs the 'datasets' package (pip install datasets)"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(name, data_files=data_files, split=split)
+    except FileNotFoundError:
+        raise UserError(
+            f"{label}: not a local file and not found on the hub (check the path, relative to the recipe)"
+        ) from None
+    except Exception as exc:  # datasets raises many types for unreachable or malformed sources
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{label}: cannot load the dataset: {first}") from None
+    return [Row(f"{label} row {i}", dict(item)) for i, item in enumerate(dataset)]
+
+
+def detect_format(rows: list[Row], fmt: str, key: str = "data.format") -> str:
+    """The format named in the recipe, or the one whose keys the first row has."""
+    if fmt != "auto":
+        return fmt
+    first = rows[0]
+    for name, keys in FORMAT_KEYS.items():
+        if all(k in first.data for k in keys):
+            return name
+    expected = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in FORMAT_KEYS.items())
+    raise UserError(
+        f"{first.where}: cannot tell the data format from keys {sorted(first.data)}; expected {expected}, "
+        f"or set {key}"
+    )
+
+
+def to_messages(row: Row, fmt: str) -> list[dict]:
+    """One row as a validated conversation: optional system turn, then user/assistant turns alternating,
+    with at least one assistant turn with text."""
+    data, where = row.data, row.where
+    if fmt == "messages":
+        turns = _require(data, "messages", list, where)
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            role = _require(turn, "role", str, where, f"messages[{i}].role")
+            content = _require(turn, "content", str, where, f"messages[{i}].content")
+            if role not in ROLES:
+                raise UserError(f"{where}: messages[{i}].role '{role}' is not one of {', '.join(ROLES)}")
+            messages.append({"role": role, "content": content})
+    elif fmt == "sharegpt":
+        turns = _require(data, "conversations", list, where)
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise UserError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+            speaker = _require(turn, "from", str, where, f"conversations[{i}].from")
+            value = _require(turn, "value", str, where, f"conversations[{i}].value")
+            if speaker.lower() not in SHAREGPT_ROLES:
+                known = ", ".join(sorted(SHAREGPT_ROLES))
+                raise UserError(f"{where}: conversations[{i}].from '{speaker}' is not one of {known}")
+            messages.append({"role": SHAREGPT_ROLES[speaker.lower()], "content": value})
+    elif fmt == "alpaca":
+        instruction = _require(data, "instruction", str, where)
+        extra = data.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise UserError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _require(data, "output", str, where)},
+        ]
+        system = data.get("system")
+        if isinstance(system, str) and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+    elif fmt == "prompt_completion":
+        messages = [
+            {"role": "user", "content": _require(data, "prompt", str, where)},
+            {"role": "assistant", "content": _require(data, "completion", str, where)},
+        ]
+    else:  # pragma: no cover - the schema restricts formats
+        raise UserError(f"{where}: unknown data format '{fmt}'")
+    check_turns(messages, where)
+    return messages
+
+
+def check_turns(messages: list[dict], where: str) -> None:
+    if not messages:
+        raise UserError(f"{where}: the conversation is empty")
+    offset = 1 if messages[0]["role"] == "system" else 0
+    body = messages[offset:]
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise UserError(
+                f"{where}: turn {i + offset} is '{message['role']}' but '{expected}' was expected "
+                "(an optional system turn first, then user and assistant turns alternating)"
+            )
+        if not message["content"].strip():
+            raise UserError(f"{where}: turn {i + offset} ({expected}) is empty")
+    if not any(m["role"] == "assistant" for m in body):
+        raise UserError(f"{where}: no assistant turn: nothing to train on")
+
+
+def _require(data: dict, key: str, kind: type, where: str, name: str | None = None) -> object:
+    name = name or key
+    if key not in data or data[key] is None:
+        raise UserError(f"{where}: missing field '{name}'")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise UserError(f"{where}: '{name}' must be a {_kind_name(kind)}, got {type(value).__name__}")
+    if kind is str and not value.strip() and key not in ("content", "value", "input"):
+        raise UserError(f"{where}: '{name}' is empty")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "string", list: "list", dict: "object"}.get(kind, kind.__name__)
+
+
+@dataclass
+class DataReport:
+    """What happened to a dataset on its way to training; printed by `validate` and at the start of a run."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    dropped_overlong: int = 0
+    truncated: int = 0
+    eos_appended: int = 0
+    turns_unmasked: int = 0
+    trained_tokens: int = 0
+    lengths: list[int] | None = None
+
+    def percentiles(self) -> dict[str, int]:
+        lengths = sorted(self.lengths or [])
+        if not lengths:
+            return {}
+        pick = {"min": 0.0, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+        return {
+            name: lengths[min(len(lengths) - 1, round(q * (len(lengths) - 1)))] for name, q in pick.items()
+        }
+
+    def warnings(self, stage: str) -> list[str]:
+        out = []
+        if self.dropped_overlong:
+            out.append(
+                f"{self.source}: dropped {self.dropped_overlong} of {self.rows} rows longer than "
+                f"{stage}.max_length (raise it, or set {stage}.overlong: truncate)"
+            )
+        if self.truncated:
+            out.append(f"{self.source}: truncated {self.truncated} of {self.rows} rows to {stage}.max_length")
+        if self.eos_appended:
+            out.append(
+                f"{self.source}: the chat template ends {self.eos_appended} final assistant turns without a "
+                "special token; appended the tokenizer's EOS so the model learns to stop"
+            )
+        if self.turns_unmasked:
+            out.append(
+                f"{self.source}: {self.turns_unmasked} earlier assistant turns are not trained: "
+                "the chat template "
+                "renders them differently once later turns follow"
+            )
+        return out
+
+
+def pad(sequences: list[list[int]], value: int) -> list[list[int]]:
+    width = max(len(s) for s in sequences)
+    return [s + [value] * (width - len(s)) for s in sequences]

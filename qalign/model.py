@@ -1,0 +1,196 @@
+"""Loading the tokenizer and the 4-bit base, and attaching LoRA adapters to it."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from qalign.chat_template import CHATML_TEMPLATE
+from qalign.errors import UserError
+from qalign.recipe import LoraSpec, ModelSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        # CPU kernels for half precision are slow or missing; fp32 is the honest default there.
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(spec: ModelSpec, warn: Callable[[str], None]) -> PreTrainedTokenizerBase:
+    """The base's tokenizer with the chat template training will use, and a pad token."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.base, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.base: cannot load a tokenizer from '{spec.base}': {_first_line(exc)}"
+        ) from None
+    if spec.chat_template is not None:
+        tokenizer.chat_template = Path(spec.chat_template).read_text(encoding="utf-8")
+    elif not tokenizer.chat_template:
+        warn(
+            f"{spec.base} has no chat template; using the default ChatML template "
+            "(set model.chat_template to a .jinja file to choose another)"
+        )
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        # Padding is masked out of attention and loss, so any existing token will do; adding one would
+        # resize the (frozen, quantized) embeddings.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
+    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, or plain weights for `none`."""
+    dtype = compute_dtype(spec.compute_dtype, device)
+    quantization = None
+    if spec.quantization != "none":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.quantization,
+            bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    kwargs = {}
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.base,
+            revision=spec.revision,
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={
+                "": device.index if device.type == "cuda" and device.index is not None else device.type
+            },
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.base: cannot load '{spec.base}': {_first_line(exc)}") from None
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    _no_cpu_inference_packing(model)
+    return model
+
+
+def _no_cpu_inference_packing(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for a bf16 CPU inference kernel the first time a layer runs in eval
+    mode, and never unpacks them for training: the kernel has no autograd, so training after an eval pass (or
+    after a no-grad reference pass) would backpropagate through it wrongly, and eval itself would run in bf16.
+    A model loaded for training therefore keeps the one (differentiable) layout throughout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """`all-linear` for this architecture: every linear layer (4-bit or not) except the LM head."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is head or not isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit):
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise UserError("lora.target_modules: 'all-linear' found no linear layers in this model; name them")
+    return sorted(names)
+
+
+def attach_lora(
+    model: torch.nn.Module,
+    spec: LoraSpec,
+    gradient_checkpointing: bool,
+    adapter: Path | None = None,
+) -> PeftModel:
+    """LoRA on the frozen base: fresh, or continued from a saved adapter (trainable either way)."""
+    if gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings stay
+            # as they are (no enable_input_require_grads hook).
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    targets = linear_module_names(model) if spec.target_modules == "all-linear" else spec.target_modules
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, counting each 4-bit weight by the values it holds, not its bytes."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.dtype == torch.uint8 and hasattr(param, "quant_state"):
+            n = param.quant_state.shape.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def footprint_bytes(model: torch.nn.Module) -> int:
+    """Bytes the loaded model occupies: packed 4-bit weights, their constants, and everything unquantized."""
+    seen, size = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            size += _quant_state_bytes(state)
+    return size
+
+
+def _quant_state_bytes(state: object) -> int:
+    size = 0
+    for name in ("absmax", "code", "offset"):
+        value = getattr(state, name, None)
+        if isinstance(value, torch.Tensor):
+            size += value.numel() * value.element_size()
+    nested = getattr(state, "state2", None)
+    return size + (_quant_state_bytes(nested) if nested is not None else 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,90 @@
+"""What a run shows the user: a Rich progress bar with ETA and live metrics, info lines and warnings.
+
+When the output is not a terminal (CI, `nohup`, a pipe) the bar becomes a plain line every tenth of the run,
+so logs stay readable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+
+def format_metrics(values: dict) -> str:
+    parts = []
+    for key, value in values.items():
+        if key == "lr":
+            parts.append(f"lr {value:.2e}")
+        elif key == "tokens_per_s":
+            parts.append(f"{value:,.0f} tok/s")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+        else:
+            parts.append(f"{key} {value}")
+    return "  ".join(parts)
+
+
+class Progress:
+    def __init__(self, console: Console | None = None, err_console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.err = err_console or Console(stderr=True)
+        self.warnings: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.console.print(escape(message))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.err.print(f"[yellow]warning:[/yellow] {escape(message)}")
+
+    @contextmanager
+    def bar(self, name: str, total: int, start: int) -> Iterator[_Bar]:
+        if not self.console.is_terminal:
+            yield _PlainBar(self, name, total)
+            return
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+        )
+        with RichProgress(*columns, console=self.console) as rich:
+            task = rich.add_task(name, total=total, completed=start, metrics="")
+            yield _RichBar(rich, task)
+
+
+class _Bar:
+    def update(self, step: int, metrics: dict) -> None:
+        raise NotImplementedError
+
+
+class _RichBar(_Bar):
+    def __init__(self, rich: RichProgress, task: int) -> None:
+        self.rich, self.task = rich, task
+
+    def update(self, step: int, metrics: dict) -> None:
+        self.rich.update(self.task, completed=step, metrics=escape(format_metrics(metrics)))
+
+
+class _PlainBar(_Bar):
+    def __init__(self, progress: Progress, name: str, total: int) -> None:
+        self.progress, self.name, self.total = progress, name, total
+        self.every = max(1, total // 10)
+
+    def update(self, step: int, metrics: dict) -> None:
+        if step % self.every == 0 or step == self.total:
+            self.progress.info(f"{self.name} step {step}/{self.total}  {format_metrics(metrics)}")

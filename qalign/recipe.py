@@ -1,0 +1,306 @@
+"""The recipe: one YAML file, validated by a typed schema, that drives every stage.
+
+Unknown keys are errors (with a did-you-mean), every error names the file and line of the offending key,
+relative paths resolve against the recipe's folder, and any key can be overridden with `--set a.b=value`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qalign.errors import UserError
+
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    base: str
+    """Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder, relative to the recipe."""
+    revision: str | None = None
+    """Hub branch, tag or commit; ignored for local folders."""
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    """Quantize the 4-bit scales too (about 0.4 bit/parameter saved)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on GPUs that support it, else fp16; fp32 on CPU."""
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    """Path to a .jinja file replacing the tokenizer's chat template."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """None lets transformers choose (sdpa where supported)."""
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0, allow_inf_nan=False)
+    dropout: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """all-linear: every linear layer of the decoder except the LM head, resolved per architecture."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return value
+
+
+class DataSpec(_Section):
+    train: str
+    """Local .jsonl/.json/.parquet/.csv file (relative to the recipe) or a hub dataset id."""
+    eval: str | None = None
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    train_split: str = "train"
+    """Split to read when `train` is a hub dataset id."""
+    eval_split: str = "test"
+
+
+class TrainSpec(_Section):
+    """Settings shared by every training stage."""
+
+    data: DataSpec
+    max_length: int = Field(1024, gt=0)
+    """Tokens per example, prompt included."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """What to do with examples longer than max_length: drop them (counted and reported) or cut them."""
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    batch_size: int = Field(4, gt=0)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step: the effective batch is batch_size * grad_accum."""
+    lr: float = Field(2.0e-4, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """Gradient clipping; 0 turns it off."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory for about a third more compute."""
+    save_every: int = Field(200, ge=0)
+    """Checkpoint every N optimizer steps; 0 = only at the end."""
+    save_total_limit: int = Field(2, ge=0)
+    """Checkpoints kept (the newest); 0 keeps all."""
+    eval_every: int = Field(200, ge=0)
+    """Evaluate every N steps (and at the end) when data.eval is set; 0 = only at the end."""
+    log_every: int = Field(1, gt=0)
+
+
+class SftSpec(TrainSpec):
+    pass
+
+
+class Recipe(_Section):
+    name: str = Field(min_length=1)
+    output_dir: str | None = None
+    """Where the run's outputs go, relative to the recipe; default runs/<name>."""
+    seed: int = 0
+    model: ModelSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    sft: SftSpec | None = None
+
+    # Not recipe keys: where the recipe came from, so that relative paths and messages can name it.
+    _source: Path = Path("recipe.yaml")
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    @property
+    def out(self) -> Path:
+        assert self.output_dir is not None  # set by load_recipe
+        return Path(self.output_dir)
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (defaults filled in, paths absolute), as written beside the outputs."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file. Raises UserError with file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc})") from None
+    return parse_recipe(text, path, overrides or [])
+
+
+def parse_recipe(text: str, path: Path, overrides: list[str]) -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(
+            f"{where}: invalid YAML: {problem} (recipes are plain YAML: no !!python tags)"
+        ) from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe is empty; see recipes/ for examples")
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"{path}: the recipe must be a mapping of keys (name:, model:, ...), not {type(raw).__name__}"
+        )
+    overridden = {_apply_override(raw, item) for item in overrides}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_explain(exc, path, root, overridden)) from None
+    recipe._source = path.resolve()
+    _resolve_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set sft.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+    return key
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
+    recipe.output_dir = str(_local(recipe.output_dir or f"runs/{recipe.name}", base_dir))
+    recipe.model.base = _model_or_path(recipe.model.base, base_dir, "model.base", recipe)
+    if recipe.model.chat_template is not None:
+        template = _local(recipe.model.chat_template, base_dir)
+        if not template.is_file():
+            raise UserError(f"{recipe.source}: model.chat_template: file {template} not found")
+        recipe.model.chat_template = str(template)
+    for stage in (recipe.sft,):
+        if stage is None:
+            continue
+        stage.data.train = _data_or_path(stage.data.train, base_dir, "data.train", recipe)
+        if stage.data.eval is not None:
+            stage.data.eval = _data_or_path(stage.data.eval, base_dir, "data.eval", recipe)
+
+
+def _local(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
+
+
+def _model_or_path(value: str, base_dir: Path, key: str, recipe: Recipe) -> str:
+    """A local folder when one exists (or the value can only be a path); otherwise a hub id."""
+    local = _local(value, base_dir)
+    if local.exists():
+        return str(local)
+    if _looks_like_path(value):
+        raise UserError(f"{recipe.source}: {key}: folder {local} not found (a hub id looks like org/name)")
+    return value
+
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def _data_or_path(value: str, base_dir: Path, key: str, recipe: Recipe) -> str:
+    local = _local(value, base_dir)
+    if local.exists():
+        return str(local)
+    if _looks_like_path(value) or value.lower().endswith(_DATA_SUFFIXES):
+        raise UserError(f"{recipe.source}: {key}: file {local} not found")
+    return value
+
+
+def _explain(exc: ValidationError, path: Path, root: yaml.Node, overridden: set[str]) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(part) for part in first["loc"]]
+    dotted = ".".join(loc)
+    where = _where(path, root, loc, overridden)
+    if first["type"] == "extra_forbidden":
+        message = f"{where}: unknown key '{dotted}'{_did_you_mean(loc)}"
+    elif first["type"] == "missing":
+        message = f"{where}: missing required key '{dotted}'"
+    else:
+        shown = first.get("input")
+        got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+        if isinstance(shown, float) and math.isnan(shown):
+            got = " (got nan)"
+        message = f"{where}: {dotted}: {first['msg']}{got}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message
+
+
+def _where(path: Path, root: yaml.Node, loc: list[str], overridden: set[str]) -> str:
+    dotted = ".".join(loc)
+    for key in overridden:
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return f"--set {key}"
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return f"{path}:{line}" if line else str(path)
+
+
+def _schema_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append(prefix + name)
+        for sub in _section_types(field.annotation):
+            paths.extend(_schema_paths(sub, prefix + name + "."))
+    return paths
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [
+        a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)
+    ]
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    known = _schema_paths(Recipe)
+    parent, leaf = ".".join(loc[:-1]), loc[-1]
+    siblings = [p.rsplit(".", 1)[-1] for p in known if p.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+    elsewhere = [p for p in known if p.rsplit(".", 1)[-1] == leaf]
+    if elsewhere:
+        return f"; did you mean '{elsewhere[0]}'?"
+    return f"; known keys here: {', '.join(siblings)}" if siblings else ""

@@ -1,0 +1,86 @@
+"""Supervised fine-tuning: examples are rendered conversations, the loss is NLL on assistant tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qalign.chat_template import IGNORE, render_conversation
+from qalign.data import DataReport, Row, detect_format, pad, to_messages
+from qalign.errors import UserError
+from qalign.logprobs import label_logprobs
+from qalign.losses import sft_loss
+
+
+@dataclass
+class SftExample:
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+
+    @property
+    def weight(self) -> int:
+        """Trained tokens: what a step's loss is averaged over."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE)
+
+
+def prepare_sft(
+    rows: list[Row],
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    overlong: str,
+    source: str,
+    format_key: str = "sft.data.format",
+) -> tuple[list[SftExample], DataReport]:
+    """Validate, render and tokenize every row; every problem stops here, before any training."""
+    fmt = detect_format(rows, fmt, format_key)
+    report = DataReport(source=source, rows=len(rows), lengths=[])
+    examples = []
+    for row in rows:
+        messages = to_messages(row, fmt)
+        try:
+            rendered = render_conversation(tokenizer, messages)
+        except UserError as exc:
+            raise UserError(f"{row.where}: {exc}") from None
+        ids, labels = rendered.input_ids, rendered.labels
+        if all(label == IGNORE for label in labels[1:]):
+            raise UserError(
+                f"{row.where}: no token to train on after rendering through the chat template "
+                "(does the template print assistant turns?)"
+            )
+        report.eos_appended += rendered.eos_appended
+        report.turns_unmasked += rendered.turns_unmasked
+        if len(ids) > max_length:
+            if overlong == "drop":
+                report.dropped_overlong += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE for label in labels[1:]):
+                report.dropped_overlong += 1
+                continue
+            report.truncated += 1
+        example = SftExample(ids, labels, row.where)
+        examples.append(example)
+        report.lengths.append(len(ids))
+        report.trained_tokens += example.weight
+    report.kept = len(examples)
+    return examples, report
+
+
+def collate_sft(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
+    ids = [e.input_ids for e in examples]
+    return {
+        "input_ids": torch.tensor(pad(ids, pad_id)),
+        "attention_mask": torch.tensor(pad([[1] * len(i) for i in ids], 0)),
+        "labels": torch.tensor(pad([e.labels for e in examples], IGNORE)),
+    }
+
+
+def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the step loss (already divided by the step's trained-token count)."""
+    logps, _ = label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss = sft_loss(logps, norm)
+    return loss, {"loss": loss.detach()}
