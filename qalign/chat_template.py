@@ -57,12 +57,15 @@ def render(
         raise UserError(f"the chat template refused this conversation: {exc}") from None
 
 
-def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> Rendered:
-    """Token ids and labels for one conversation: every assistant turn is trained, nothing else."""
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], last_turn_only: bool = False
+) -> Rendered:
+    """Token ids and labels for one conversation: every assistant turn is trained (only the final one with
+    `last_turn_only`, as preference pairs need), nothing else."""
     full = render(tokenizer, messages)
     spans, unmasked = [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (last_turn_only and i != len(messages) - 1):
             continue
         start_text = render(tokenizer, messages[:i], add_generation_prompt=True)
         turn_text = render(tokenizer, messages[: i + 1])
@@ -112,7 +115,3 @@ def _one_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[in
 def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(with_special) and with_special[0] == tokenizer.bos_token_id
-
-
-def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and "generation" in template and "{%" in template

@@ -89,36 +89,75 @@ def _root(
     """qalign: align a small LLM on one consumer GPU, or on a CPU."""
 
 
-@app.command()
-def sft(
-    recipe: RecipeArg,
-    set_: SetOpt = None,
-    no_resume: Annotated[
-        bool, typer.Option("--no-resume", help="Start over instead of resuming from the last checkpoint.")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Allow replacing a finished adapter.")
-    ] = False,
+NoResume = Annotated[
+    bool, typer.Option("--no-resume", help="Start over instead of resuming from the last checkpoint.")
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Allow replacing a finished adapter.")]
+STAGES = ("sft", "dpo")
+
+
+def _train(
+    recipe: Path, overrides: list[str] | None, stages: tuple[str, ...], resume: bool, overwrite: bool
 ) -> None:
-    """Supervised fine-tuning: LoRA on the 4-bit base, loss on assistant tokens only."""
     from qalign.progress import Progress
     from qalign.recipe import load_recipe
 
     with _user_errors():
-        loaded = load_recipe(recipe, set_)
+        loaded = load_recipe(recipe, overrides)
+        present = [name for name in stages if getattr(loaded, name) is not None]
+        if not present:
+            raise UserError(
+                f"{loaded.source}: the recipe has no {' or '.join(repr(s) for s in stages)} section"
+            )
         _quiet_libraries()
-        from qalign.runner import run_sft
+        from qalign.runner import run_dpo, run_sft
 
-        run_sft(loaded, Progress(console, err_console), resume=not no_resume, overwrite=overwrite)
+        runners = {"sft": run_sft, "dpo": run_dpo}
+        progress = Progress(console, err_console)
+        for name in present:
+            if len(present) > 1:
+                console.rule(f"[bold]{name}")
+            runners[name](loaded, progress, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+def sft(
+    recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
+) -> None:
+    """Supervised fine-tuning: LoRA on the 4-bit base, loss on assistant tokens only."""
+    _train(recipe, set_, ("sft",), not no_resume, overwrite)
+
+
+@app.command()
+def dpo(
+    recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
+) -> None:
+    """Direct Preference Optimization, starting from (and referenced to) the SFT adapter when there is one."""
+    _train(recipe, set_, ("dpo",), not no_resume, overwrite)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
+) -> None:
+    """Every stage the recipe has, in order (sft, then dpo), resuming whatever is already done."""
+    _train(recipe, set_, STAGES, not no_resume, overwrite)
 
 
 @app.command()
 def validate(
     recipe: RecipeArg,
     set_: SetOpt = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Check only this stage (sft or dpo); default every stage.")
+    ] = None,
     dump: Annotated[
         Path | None,
-        typer.Option("--dump", help="Write each tokenized row as {input_ids, labels} to this .jsonl file."),
+        typer.Option(
+            "--dump",
+            help="Write each tokenized row to this .jsonl file: {input_ids, labels} for sft, "
+            "{prompt_ids, chosen_ids, rejected_ids} for dpo (of --stage, default the first stage).",
+        ),
     ] = None,
 ) -> None:
     """Check the recipe and every data row without training; print dataset statistics."""
@@ -128,21 +167,25 @@ def validate(
     with _user_errors():
         loaded = load_recipe(recipe, set_)
         console.print(f"recipe {loaded.source}: ok")
-        if loaded.sft is None:
-            console.print("no stage with data to check")
-            return
+        if stage is not None and stage not in STAGES:
+            raise UserError(f"--stage {stage}: expected one of {', '.join(STAGES)}")
+        present = [name for name in STAGES if getattr(loaded, name) is not None and stage in (None, name)]
+        if not present:
+            raise UserError(f"{loaded.source}: no {stage or 'sft or dpo'} section to check")
         _quiet_libraries()
         from qalign.model import load_tokenizer
         from qalign.preview import show_example, write_dump
-        from qalign.runner import load_sft_data
+        from qalign.runner import load_stage_data
 
         progress = Progress(console, err_console)
         tokenizer = load_tokenizer(loaded.model, progress.warn)
-        train, evals, _ = load_sft_data(loaded, tokenizer, progress)
-        show_example(console, tokenizer, train[0])
-        if dump is not None:
-            write_dump(dump, [*train, *(evals or [])])
-            console.print(f"wrote {len(train) + len(evals or [])} tokenized rows to {dump}")
+        for index, name in enumerate(present):
+            console.rule(f"[bold]{name}")
+            train, evals = load_stage_data(loaded, name, tokenizer, progress)
+            show_example(console, tokenizer, train[0])
+            if dump is not None and index == 0:
+                write_dump(dump, [*train, *(evals or [])])
+                console.print(f"wrote {len(train) + len(evals or [])} tokenized {name} rows to {dump}")
         console.print("[green]data ok[/green]")
 
 

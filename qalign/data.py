@@ -144,9 +144,9 @@ def detect_format(rows: list[Row], fmt: str, key: str = "data.format") -> str:
     )
 
 
-def to_messages(row: Row, fmt: str) -> list[dict]:
+def to_messages(row: Row, fmt: str, require_reply: bool = True) -> list[dict]:
     """One row as a validated conversation: optional system turn, then user/assistant turns alternating,
-    with at least one assistant turn with text."""
+    with at least one assistant turn with text (unless `require_reply` is off, for preference prompts)."""
     data, where = row.data, row.where
     if fmt == "messages":
         turns = _require(data, "messages", list, where)
@@ -191,11 +191,11 @@ def to_messages(row: Row, fmt: str) -> list[dict]:
         ]
     else:  # pragma: no cover - the schema restricts formats
         raise UserError(f"{where}: unknown data format '{fmt}'")
-    check_turns(messages, where)
+    check_turns(messages, where, require_reply)
     return messages
 
 
-def check_turns(messages: list[dict], where: str) -> None:
+def check_turns(messages: list[dict], where: str, require_reply: bool = True) -> None:
     if not messages:
         raise UserError(f"{where}: the conversation is empty")
     offset = 1 if messages[0]["role"] == "system" else 0
@@ -209,7 +209,7 @@ def check_turns(messages: list[dict], where: str) -> None:
             )
         if not message["content"].strip():
             raise UserError(f"{where}: turn {i + offset} ({expected}) is empty")
-    if not any(m["role"] == "assistant" for m in body):
+    if require_reply and not any(m["role"] == "assistant" for m in body):
         raise UserError(f"{where}: no assistant turn: nothing to train on")
 
 

@@ -29,6 +29,17 @@ def show_example(console: Console, tokenizer: PreTrainedTokenizerBase, example: 
     console.print(Panel(text, title=title, title_align="left"))
 
 
+def dump_record(example: object) -> dict:
+    if hasattr(example, "chosen_ids"):  # a preference pair: the shared prompt, then each response
+        prompt = example.prompt_ids
+        return {
+            "prompt_ids": prompt,
+            "chosen_ids": example.chosen_ids[len(prompt) :],
+            "rejected_ids": example.rejected_ids[len(prompt) :],
+        }
+    return {"input_ids": example.input_ids, "labels": example.labels}
+
+
 def write_dump(path: Path, examples: list) -> None:
-    lines = (json.dumps({"input_ids": e.input_ids, "labels": e.labels}) for e in examples)
+    lines = (json.dumps(dump_record(e)) for e in examples)
     atomic_write_text(path, "".join(line + "\n" for line in lines))

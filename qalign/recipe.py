@@ -101,6 +101,26 @@ class SftSpec(TrainSpec):
     pass
 
 
+class DpoDataSpec(DataSpec):
+    format: Literal["auto", "preference"] = "auto"
+    """prompt/chosen/rejected as strings, or chosen/rejected as full conversations sharing the prompt turns."""
+
+
+class DpoSpec(TrainSpec):
+    data: DpoDataSpec
+    lr: float = Field(5.0e-6, gt=0, allow_inf_nan=False)
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
+    """Strength of the pull towards the reference model: lower lets the policy move further."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, allow_inf_nan=False)
+    """Conservative DPO: the assumed probability that a preference label is flipped (sigmoid loss only)."""
+    reference: Literal["precompute", "live"] = "precompute"
+    """precompute: one pass over the data before training, cached on disk; live: every step (no cache)."""
+    init_adapter: str | None = None
+    """Adapter to start from (and to use as the frozen reference); default <output_dir>/sft/adapter if it
+    exists, else a fresh adapter on the base."""
+
+
 class Recipe(_Section):
     name: str = Field(min_length=1)
     output_dir: str | None = None
@@ -109,6 +129,7 @@ class Recipe(_Section):
     model: ModelSpec
     lora: LoraSpec = Field(default_factory=LoraSpec)
     sft: SftSpec | None = None
+    dpo: DpoSpec | None = None
 
     # Not recipe keys: where the recipe came from, so that relative paths and messages can name it.
     _source: Path = Path("recipe.yaml")
@@ -196,12 +217,18 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
         if not template.is_file():
             raise UserError(f"{recipe.source}: model.chat_template: file {template} not found")
         recipe.model.chat_template = str(template)
-    for stage in (recipe.sft,):
+    for name in ("sft", "dpo"):
+        stage = getattr(recipe, name)
         if stage is None:
             continue
-        stage.data.train = _data_or_path(stage.data.train, base_dir, "data.train", recipe)
+        stage.data.train = _data_or_path(stage.data.train, base_dir, f"{name}.data.train", recipe)
         if stage.data.eval is not None:
-            stage.data.eval = _data_or_path(stage.data.eval, base_dir, "data.eval", recipe)
+            stage.data.eval = _data_or_path(stage.data.eval, base_dir, f"{name}.data.eval", recipe)
+    if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
+        adapter = _local(recipe.dpo.init_adapter, base_dir)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{recipe.source}: dpo.init_adapter: {adapter} is not an adapter folder")
+        recipe.dpo.init_adapter = str(adapter)
 
 
 def _local(value: str, base_dir: Path) -> Path:

@@ -24,7 +24,7 @@ from qalign.model import (
     pick_device,
 )
 from qalign.progress import Progress
-from qalign.recipe import Recipe
+from qalign.recipe import Recipe, TrainSpec
 from qalign.sft import collate_sft, prepare_sft, sft_step
 from qalign.train import Stage, Trainer, total_steps
 
@@ -49,7 +49,7 @@ def check_output_dir(recipe: Recipe) -> None:
 def examples_hash(examples: list) -> str:
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.input_ids, example.labels]).encode())
+        digest.update(json.dumps(example.__dict__ | {"reference": None, "where": None}).encode())
     return digest.hexdigest()[:16]
 
 
@@ -58,89 +58,123 @@ def describe_report(report: DataReport) -> str:
     lengths = ", ".join(f"{k} {v}" for k, v in p.items())
     return (
         f"{report.source}: {report.kept} of {report.rows} rows kept, "
-        f"{report.trained_tokens:,} trained tokens; "
-        f"lengths {lengths}"
+        f"{report.trained_tokens:,} trained tokens; lengths {lengths}"
     )
 
 
-def load_sft_data(recipe: Recipe, tokenizer: object, progress: Progress) -> tuple[list, list | None, list]:
-    """(train examples, eval examples or None, reports) for the recipe's sft section."""
-    spec = recipe.sft
-    assert spec is not None
-    reports = []
-    train, report = prepare_sft(
-        read_rows(spec.data.train, spec.data.train_split),
-        spec.data.format,
-        tokenizer,
-        spec.max_length,
-        spec.overlong,
-        spec.data.train,
-    )
-    reports.append(report)
+def load_stage_data(
+    recipe: Recipe, name: str, tokenizer: object, progress: Progress
+) -> tuple[list, list | None]:
+    """(train examples, eval examples or None) for the recipe's `name` stage, every row checked."""
+    spec: TrainSpec = getattr(recipe, name)
+    if spec is None:
+        raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
+
+    def prepare(source: str, split: str) -> tuple[list, DataReport]:
+        rows = read_rows(source, split)
+        if name == "sft":
+            return prepare_sft(rows, spec.data.format, tokenizer, spec.max_length, spec.overlong, source)
+        from qalign.dpo import prepare_dpo
+
+        return prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
+
+    train, report = prepare(spec.data.train, spec.data.train_split)
+    reports = [report]
     evals = None
     if spec.data.eval is not None:
-        evals, eval_report = prepare_sft(
-            read_rows(spec.data.eval, spec.data.eval_split),
-            spec.data.format,
-            tokenizer,
-            spec.max_length,
-            spec.overlong,
-            spec.data.eval,
-        )
+        evals, eval_report = prepare(spec.data.eval, spec.data.eval_split)
         reports.append(eval_report)
     for item in reports:
         progress.info(describe_report(item))
-        for line in item.warnings("sft"):
+        for line in item.warnings(name):
             progress.warn(line)
     if not train:
         raise UserError(
-            f"{spec.data.train}: every row is longer than sft.max_length={spec.max_length}; "
-            "raise it or set sft.overlong: truncate"
+            f"{spec.data.train}: every row is longer than {name}.max_length={spec.max_length}; "
+            f"raise it or set {name}.overlong: truncate"
         )
-    return train, evals, reports
+    return train, evals
+
+
+class StageRun:
+    """What every stage does around its own data and loss: output checks, seeding, model loading, training,
+    and the finished adapter."""
+
+    def __init__(self, recipe: Recipe, name: str, progress: Progress, resume: bool, overwrite: bool) -> None:
+        self.recipe, self.name, self.progress = recipe, name, progress
+        self.resume, self.overwrite = resume, overwrite
+        self.spec: TrainSpec = getattr(recipe, name)
+        if self.spec is None:
+            raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
+        check_output_dir(recipe)
+        self.dir = recipe.out / name
+        self.adapter_dir = self.dir / "adapter"
+        if not resume:
+            _start_over(self.dir)
+        self.tokenizer = load_tokenizer(recipe.model, progress.warn)
+
+    def already_done(self, n_train: int) -> bool:
+        """True when a finished adapter from this very run exists; an error when one exists otherwise."""
+        if not self.adapter_dir.exists() or self.overwrite:
+            return False
+        if self.resume and _finished(self.dir, total_steps(self.spec, n_train)[0]):
+            self.progress.info(
+                f"{self.name} is already complete: {self.adapter_dir} (pass --no-resume --overwrite to train again)"
+            )
+            return True
+        raise UserError(
+            f"{self.adapter_dir} already holds a finished adapter; pass --overwrite to replace it"
+        )
+
+    def load_model(self, init_adapter: Path | None = None) -> torch.nn.Module:
+        # Seeded before the adapter exists: LoRA's initial weights come from the global RNG.
+        set_seed(self.recipe.seed)
+        self.device = pick_device()
+        self.dtype = compute_dtype(self.recipe.model.compute_dtype, self.device)
+        base = load_base(self.recipe.model, self.device)
+        self.progress.info(
+            f"base {self.recipe.model.base}: {footprint_bytes(base) / 2**20:,.1f} MiB in memory "
+            f"({self.recipe.model.quantization}, compute {str(self.dtype).removeprefix('torch.')}, "
+            f"{self.device.type})"
+        )
+        model = attach_lora(base, self.recipe.lora, self.spec.gradient_checkpointing, init_adapter)
+        trainable, total = count_parameters(model)
+        source = f"from {init_adapter}" if init_adapter else f"r={self.recipe.lora.r}"
+        self.progress.info(
+            f"LoRA {source}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})"
+        )
+        return model
+
+    def train(self, stage: Stage, model: torch.nn.Module) -> Path:
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "no")
+        trainer = Trainer(
+            stage,
+            model,
+            self.tokenizer,
+            self.dir,
+            self.recipe.seed,
+            precision,
+            self.progress,
+            self.recipe.to_yaml(),
+        )
+        trainer.fit(self.resume)
+        trainer.save_adapter(self.adapter_dir, overwrite=True)
+        trainer.log_final({"adapter": str(self.adapter_dir)})
+        self.progress.info(f"adapter saved to {self.adapter_dir}")
+        return self.adapter_dir
 
 
 def run_sft(recipe: Recipe, progress: Progress, resume: bool = True, overwrite: bool = False) -> Path:
     """`qalign sft`: returns the adapter folder."""
-    if recipe.sft is None:
-        raise UserError(f"{recipe.source}: the recipe has no 'sft' section")
-    spec = recipe.sft
-    check_output_dir(recipe)
-    stage_dir = recipe.out / "sft"
-    adapter_dir = stage_dir / "adapter"
-    if not resume:
-        _start_over(stage_dir)
-
-    tokenizer = load_tokenizer(recipe.model, progress.warn)
-    train, evals, _ = load_sft_data(recipe, tokenizer, progress)
-
-    if adapter_dir.exists() and not overwrite:
-        if resume and _finished(stage_dir, total_steps(spec, len(train))[0]):
-            progress.info(
-                f"sft is already complete: {adapter_dir} (pass --no-resume --overwrite to train again)"
-            )
-            return adapter_dir
-        raise UserError(f"{adapter_dir} already holds a finished adapter; pass --overwrite to replace it")
-
-    # Seeded before the adapter exists: LoRA's initial weights come from the global RNG.
-    set_seed(recipe.seed)
-    device = pick_device()
-    dtype = compute_dtype(recipe.model.compute_dtype, device)
-    base = load_base(recipe.model, device)
-    progress.info(
-        f"base {recipe.model.base}: {footprint_bytes(base) / 2**20:,.1f} MiB in memory "
-        f"({recipe.model.quantization}, compute {str(dtype).removeprefix('torch.')}, {device.type})"
-    )
-    model = attach_lora(base, recipe.lora, spec.gradient_checkpointing)
-    trainable, total = count_parameters(model)
-    progress.info(
-        f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})"
-    )
-
-    pad_id = tokenizer.pad_token_id
+    run = StageRun(recipe, "sft", progress, resume, overwrite)
+    train, evals = load_stage_data(recipe, "sft", run.tokenizer, progress)
+    if run.already_done(len(train)):
+        return run.adapter_dir
+    model = run.load_model()
+    pad_id = run.tokenizer.pad_token_id
     stage = Stage(
         name="sft",
-        spec=spec,
+        spec=run.spec,
         train=train,
         eval=evals,
         collate=lambda examples: collate_sft(examples, pad_id),
@@ -148,13 +182,7 @@ def run_sft(recipe: Recipe, progress: Progress, resume: bool = True, overwrite: 
         weight=lambda example: example.weight,
         data_hash=examples_hash(train) + examples_hash(evals or []),
     )
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    trainer = Trainer(stage, model, tokenizer, stage_dir, recipe.seed, precision, progress, recipe.to_yaml())
-    trainer.fit(resume)
-    trainer.save_adapter(adapter_dir, overwrite=True)
-    trainer.log_final({"adapter": str(adapter_dir)})
-    progress.info(f"adapter saved to {adapter_dir}")
-    return adapter_dir
+    return run.train(stage, model)
 
 
 def _finished(stage_dir: Path, total: int) -> bool:
@@ -170,3 +198,70 @@ def _start_over(stage_dir: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def run_dpo(recipe: Recipe, progress: Progress, resume: bool = True, overwrite: bool = False) -> Path:
+    """`qalign dpo`: starts from the SFT adapter when there is one; the frozen start is the reference."""
+    from qalign.dpo import collate_dpo, make_dpo_step
+    from qalign.reference import adapter_digest, attach_reference, cache_key
+
+    run = StageRun(recipe, "dpo", progress, resume, overwrite)
+    spec = run.spec
+    train, evals = load_stage_data(recipe, "dpo", run.tokenizer, progress)
+    if run.already_done(len(train)):
+        return run.adapter_dir
+    init = starting_adapter(recipe)
+    model = run.load_model(init)
+    disable_dropout(model)
+    reference_adapter = None
+    if spec.reference == "live" and init is not None:
+        # A frozen copy of the starting adapter, beside the trainable one; the base is loaded once.
+        model.load_adapter(str(init), adapter_name="reference", is_trainable=False)
+        reference_adapter = "reference"
+    pad_id = run.tokenizer.pad_token_id
+    if spec.reference == "precompute":
+        start = {
+            "base": recipe.model.base,
+            "revision": recipe.model.revision,
+            "quantization": recipe.model.quantization,
+            "double_quant": recipe.model.double_quant,
+            "dtype": str(run.dtype),
+            "adapter": adapter_digest(init),
+        }
+        for label, examples in (("train", train), ("eval", evals)):
+            if examples:
+                cache = (
+                    run.dir / "reference" / f"{label}-{cache_key(examples_hash(examples), start)}.safetensors"
+                )
+                attach_reference(model, examples, cache, spec.batch_size, pad_id, run.device, progress, label)
+    stage = Stage(
+        name="dpo",
+        spec=spec,
+        train=train,
+        eval=evals,
+        collate=lambda examples: collate_dpo(examples, pad_id),
+        step_loss=make_dpo_step(spec, reference_adapter),
+        weight=lambda example: 1,
+        data_hash=examples_hash(train) + examples_hash(evals or []) + str(adapter_digest(init)),
+        show=("loss", "rewards/margin", "rewards/accuracy"),
+    )
+    return run.train(stage, model)
+
+
+def starting_adapter(recipe: Recipe) -> Path | None:
+    """dpo.init_adapter, else the SFT stage's finished adapter, else none (a fresh adapter on the base)."""
+    assert recipe.dpo is not None
+    if recipe.dpo.init_adapter is not None:
+        return Path(recipe.dpo.init_adapter)
+    sft_adapter = recipe.out / "sft" / "adapter"
+    return sft_adapter if (sft_adapter / "adapter_config.json").exists() else None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares the policy with its own frozen start: with dropout on, the two differ at step 0 by noise,
+    and the loss no longer starts at log 2."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

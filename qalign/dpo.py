@@ -1,0 +1,218 @@
+"""Direct Preference Optimization: examples are (prompt, chosen, rejected) rendered through the chat template;
+the loss compares the policy's log-probs of both responses with the frozen starting model's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qalign.chat_template import IGNORE, render_conversation
+from qalign.data import DataReport, Row, check_turns, pad, to_messages
+from qalign.errors import UserError
+from qalign.logprobs import label_logprobs
+from qalign.losses import dpo_loss
+from qalign.recipe import DpoSpec
+
+
+@dataclass
+class DpoExample:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    where: str
+    prompt_ids: list[int]
+    reference: tuple[float, float, int, int] | None = None
+    """Reference (chosen, rejected) summed log-probs and response lengths, when precomputed."""
+
+    @property
+    def input_ids(self) -> list[int]:  # what `validate` shows: the chosen side
+        return self.chosen_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return self.chosen_labels
+
+
+def split_preference(row: Row) -> tuple[list[dict], dict, dict]:
+    """(prompt messages, chosen reply, rejected reply) from either preference layout."""
+    data, where = row.data, row.where
+    for key in ("chosen", "rejected"):
+        if data.get(key) is None:
+            raise UserError(f"{where}: missing field '{key}'")
+    chosen, rejected = data["chosen"], data["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        prompt = data.get("prompt")
+        if isinstance(prompt, list):
+            prompt_messages = to_messages(Row(where, {"messages": prompt}), "messages", require_reply=False)
+        elif isinstance(prompt, str) and prompt.strip():
+            prompt_messages = [{"role": "user", "content": prompt}]
+        else:
+            raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+        replies = [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}]
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        # UltraFeedback-binarized style: two whole conversations; the turns they share are the prompt.
+        chosen_msgs = to_messages(Row(where, {"messages": chosen}), "messages")
+        rejected_msgs = to_messages(Row(where, {"messages": rejected}), "messages")
+        shared = 0
+        while (
+            shared < min(len(chosen_msgs), len(rejected_msgs))
+            and chosen_msgs[shared] == rejected_msgs[shared]
+        ):
+            shared += 1
+        if chosen_msgs == rejected_msgs:
+            raise UserError(f"{where}: chosen and rejected are the same: nothing to prefer")
+        prompt_messages = chosen_msgs[: min(shared, len(chosen_msgs) - 1, len(rejected_msgs) - 1)]
+        tails = (chosen_msgs[len(prompt_messages) :], rejected_msgs[len(prompt_messages) :])
+        if any(len(tail) != 1 or tail[0]["role"] != "assistant" for tail in tails):
+            raise UserError(
+                f"{where}: chosen and rejected must be the same conversation up to one final assistant turn"
+            )
+        replies = [tails[0][0], tails[1][0]]
+    else:
+        raise UserError(
+            f"{where}: 'chosen' and 'rejected' must both be strings (with a 'prompt') or both lists of messages"
+        )
+    for reply, key in zip(replies, ("chosen", "rejected"), strict=True):
+        if not reply["content"].strip():
+            raise UserError(f"{where}: '{key}' is empty")
+    if replies[0]["content"] == replies[1]["content"]:
+        raise UserError(f"{where}: chosen and rejected are the same: nothing to prefer")
+    check_turns([*prompt_messages, replies[0]], where)
+    return prompt_messages, replies[0], replies[1]
+
+
+def prepare_dpo(
+    rows: list[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    overlong: str,
+    source: str,
+) -> tuple[list[DpoExample], DataReport]:
+    report = DataReport(source=source, rows=len(rows), lengths=[])
+    examples = []
+    for row in rows:
+        prompt, chosen, rejected = split_preference(row)
+        sides = []
+        for reply in (chosen, rejected):
+            try:
+                rendered = render_conversation(tokenizer, [*prompt, reply], last_turn_only=True)
+            except UserError as exc:
+                raise UserError(f"{row.where}: {exc}") from None
+            if all(label == IGNORE for label in rendered.labels[1:]):
+                raise UserError(
+                    f"{row.where}: no response token to train on after rendering the chat template"
+                )
+            report.eos_appended += rendered.eos_appended
+            sides.append(rendered)
+        longest = max(len(s.input_ids) for s in sides)
+        if longest > max_length:
+            if overlong == "drop":
+                report.dropped_overlong += 1
+                continue
+            cut = [(s.input_ids[:max_length], s.labels[:max_length]) for s in sides]
+            if any(all(label == IGNORE for label in labels[1:]) for _, labels in cut):
+                report.dropped_overlong += 1
+                continue
+            report.truncated += 1
+        else:
+            cut = [(s.input_ids, s.labels) for s in sides]
+        first_trained = next(i for i, label in enumerate(cut[0][1]) if label != IGNORE)
+        example = DpoExample(*cut[0], *cut[1], row.where, cut[0][0][:first_trained])
+        examples.append(example)
+        report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids)))
+        report.trained_tokens += sum(
+            label != IGNORE for label in example.chosen_labels + example.rejected_labels
+        )
+    report.kept = len(examples)
+    return examples, report
+
+
+def collate_dpo(examples: list[DpoExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows stacked over rejected rows, so one forward pass serves both."""
+    ids = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
+    labels = [e.chosen_labels for e in examples] + [e.rejected_labels for e in examples]
+    batch = {
+        "input_ids": torch.tensor(pad(ids, pad_id)),
+        "attention_mask": torch.tensor(pad([[1] * len(i) for i in ids], 0)),
+        "labels": torch.tensor(pad(labels, IGNORE)),
+    }
+    if all(e.reference is not None for e in examples):
+        batch["reference"] = torch.tensor([e.reference for e in examples], dtype=torch.float64)
+    return batch
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs of each row's response [2B], response lengths [2B])."""
+    logps, rows = label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    n = batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    counts = torch.zeros(n, dtype=torch.long, device=logps.device).index_add(0, rows, torch.ones_like(rows))
+    return sums, counts
+
+
+@contextmanager
+def reference_mode(model: torch.nn.Module, reference_adapter: str | None) -> Iterator[None]:
+    """The frozen starting model: the base with its adapter disabled, or a frozen copy of the initial adapter."""
+    if reference_adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(reference_adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+def reference_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], reference_adapter: str | None, live: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad(), reference_mode(model, reference_adapter) if live else nullcontext():
+        return sequence_logprobs(model, batch)
+
+
+def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
+    """The stage's step loss: this micro-batch's share of the step's mean loss and metrics."""
+
+    def step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) -> tuple[torch.Tensor, dict]:
+        half = batch["input_ids"].shape[0] // 2
+        if "reference" in batch:
+            cached = batch["reference"]
+            reference = torch.cat([cached[:, 0], cached[:, 1]]).float()
+        else:
+            # Before the policy pass: switching adapters changes requires_grad flags, which must not happen
+            # under a graph that is still to be backpropagated.
+            reference, _ = reference_logprobs(model, batch, reference_adapter, live=True)
+        policy, counts = sequence_logprobs(model, batch)
+        if spec.loss == "ipo":
+            # IPO is defined on length-normalised log-probs.
+            policy, reference = policy / counts.clamp(min=1), reference / counts.clamp(min=1)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy[:half],
+            policy[half:],
+            reference[:half],
+            reference[half:],
+            spec.beta,
+            spec.loss,
+            spec.label_smoothing,
+        )
+        loss = losses.sum() / norm
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": chosen_rewards.sum() / norm,
+            "rewards/rejected": rejected_rewards.sum() / norm,
+            "rewards/margin": (chosen_rewards - rejected_rewards).sum() / norm,
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum() / norm,
+            "logps/chosen": policy[:half].detach().sum() / norm,
+            "logps/rejected": policy[half:].detach().sum() / norm,
+        }
+        return loss, metrics
+
+    return step

@@ -1,0 +1,93 @@
+"""Reference log-probs for DPO, computed once per dataset and cached on disk.
+
+The reference is the model DPO starts from, so before the first step the policy *is* the reference: one
+no-grad pass of the policy itself gives every reference log-prob, with no second model and no adapter
+switching. The cache key covers the tokenized data (so template and max_length changes) and the starting
+weights, so resume, later epochs and re-runs reuse it and anything else recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+
+from qalign.checkpoint import atomic_write_bytes
+from qalign.dpo import DpoExample, collate_dpo, sequence_logprobs
+from qalign.progress import Progress
+
+
+def cache_key(examples_digest: str, starting_point: dict) -> str:
+    payload = json.dumps({"data": examples_digest, "start": starting_point}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def adapter_digest(adapter: Path | None) -> str | None:
+    if adapter is None:
+        return None
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((adapter / name).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference(
+    model: torch.nn.Module,
+    examples: list[DpoExample],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    progress: Progress,
+    label: str,
+) -> torch.Tensor:
+    """[N, 4] float64: reference (chosen, rejected) summed log-probs and (chosen, rejected) response lengths."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(examples), 4, dtype=torch.float64)
+    with progress.bar(f"reference {label}", len(examples), 0) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items() if k != "reference"}
+            sums, counts = sequence_logprobs(model, batch)
+            half = len(chunk)
+            out[start : start + half, 0] = sums[:half].double().cpu()
+            out[start : start + half, 1] = sums[half:].double().cpu()
+            out[start : start + half, 2] = counts[:half].double().cpu()
+            out[start : start + half, 3] = counts[half:].double().cpu()
+            bar.update(start + half, {})
+    model.train(was_training)
+    return out
+
+
+def attach_reference(
+    model: torch.nn.Module,
+    examples: list[DpoExample],
+    cache: Path,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    progress: Progress,
+    label: str,
+) -> None:
+    """Fill every example's `reference` from the cache file, computing and saving it when missing."""
+    values = None
+    if cache.exists():
+        try:
+            values = load(cache.read_bytes())["reference"]
+        except Exception:  # a damaged cache is only a lost speed-up: recompute it
+            progress.warn(f"{cache}: unreadable reference cache; recomputing")
+        if values is not None and values.shape != (len(examples), 4):
+            values = None
+    if values is None:
+        values = compute_reference(model, examples, batch_size, pad_id, device, progress, label)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache, save({"reference": values}))
+        progress.info(f"reference log-probs for {len(examples)} {label} pairs cached in {cache}")
+    else:
+        progress.info(f"reference log-probs for {label} read from {cache}")
+    for example, row in zip(examples, values.tolist(), strict=True):
+        example.reference = (row[0], row[1], int(row[2]), int(row[3]))
