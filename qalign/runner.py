@@ -212,12 +212,12 @@ def run_dpo(recipe: Recipe, progress: Progress, resume: bool = True, overwrite: 
         return run.adapter_dir
     init = starting_adapter(recipe)
     model = run.load_model(init)
-    disable_dropout(model)
     reference_adapter = None
     if spec.reference == "live" and init is not None:
         # A frozen copy of the starting adapter, beside the trainable one; the base is loaded once.
         model.load_adapter(str(init), adapter_name="reference", is_trainable=False)
         reference_adapter = "reference"
+    disable_dropout(model)
     pad_id = run.tokenizer.pad_token_id
     if spec.reference == "precompute":
         start = {

@@ -125,3 +125,44 @@ def copy_tree():
         return dst
 
     return copy
+
+
+def preference_rows(n: int, start: int = 0) -> list[dict]:
+    """A preference a tiny model learns fast and that generalises to unseen prompts: terse and right over
+    hedging and wrong."""
+    rows = []
+    for i in range(start, start + n):
+        a, b = i % 13, (i * 7) % 11
+        rows.append(
+            {
+                "prompt": f"What is {a} + {b}?",
+                "chosen": f"The answer is {a + b}.",
+                "rejected": f"Hmm, maybe it is {a + b + 1}, I am not sure.",
+            }
+        )
+    return rows
+
+
+def add_dpo(recipe: Path, **dpo_overrides) -> Path:
+    """Add a dpo section (train data/dpo.jsonl, held-out data/dpo_eval.jsonl) to a recipe from write_recipe."""
+    import yaml
+
+    folder = recipe.parent
+    write_jsonl(folder / "data" / "dpo.jsonl", preference_rows(32))
+    write_jsonl(folder / "data" / "dpo_eval.jsonl", preference_rows(8, start=200))
+    data = yaml.safe_load(recipe.read_text())
+    dpo = {
+        "data": {"train": "data/dpo.jsonl", "eval": "data/dpo_eval.jsonl"},
+        "max_length": 64,
+        "max_steps": 8,
+        "batch_size": 4,
+        "lr": 5e-3,
+        "beta": 0.1,
+        "warmup_ratio": 0.0,
+        "save_every": 4,
+        "eval_every": 4,
+    }
+    dpo.update(dpo_overrides)
+    data["dpo"] = dpo
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return recipe
