@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from qalign.data import detect_format, read_rows, to_messages
+from qalign.dpo import split_preference
 from qalign.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -20,16 +21,19 @@ def test_there_are_recipes():
 def test_recipe_is_valid(path: Path):
     recipe = load_recipe(path)
     assert recipe.name and recipe.out.is_absolute()
-    for stage in (recipe.sft,):
+    for name in ("sft", "dpo"):
+        stage = getattr(recipe, name)
         if stage is None:
             continue
         for source in (stage.data.train, stage.data.eval):
             if source is not None and Path(source).is_absolute():
                 # Local data ships with the repo and must be valid, row by row.
                 rows = read_rows(source)
-                fmt = detect_format(rows, stage.data.format)
                 for row in rows:
-                    to_messages(row, fmt)
+                    if name == "sft":
+                        to_messages(row, detect_format(rows, stage.data.format))
+                    else:
+                        split_preference(row)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
