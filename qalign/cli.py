@@ -110,6 +110,7 @@ def _train(
                 f"{loaded.source}: the recipe has no {' or '.join(repr(s) for s in stages)} section"
             )
         _quiet_libraries()
+        from qalign.merge import run_merge
         from qalign.runner import run_dpo, run_sft
 
         runners = {"sft": run_sft, "dpo": run_dpo}
@@ -117,7 +118,10 @@ def _train(
         for name in present:
             if len(present) > 1:
                 console.rule(f"[bold]{name}")
-            runners[name](loaded, progress, resume=resume, overwrite=overwrite)
+            if name == "merge":
+                run_merge(loaded, progress, overwrite=overwrite)
+            else:
+                runners[name](loaded, progress, resume=resume, overwrite=overwrite)
 
 
 @app.command()
@@ -140,8 +144,67 @@ def dpo(
 def run(
     recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
 ) -> None:
-    """Every stage the recipe has, in order (sft, then dpo), resuming whatever is already done."""
-    _train(recipe, set_, STAGES, not no_resume, overwrite)
+    """Every stage the recipe has, in order (sft, dpo, then merge), resuming whatever is already done."""
+    _train(recipe, set_, (*STAGES, "merge"), not no_resume, overwrite)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="The recipe whose adapter to merge.", show_default=False)
+    ] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="sft or dpo; default the last stage with an adapter.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder; default <output_dir>/merged.")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Without a recipe: the base model (hub id or folder).")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Without a recipe: the adapter folder.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="bf16 (default), fp16 or fp32.")] = None,
+    base_weights: Annotated[
+        str | None, typer.Option("--base-weights", help="nf4-roundtrip (default) or original.")
+    ] = None,
+    set_: SetOpt = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Fold the adapter into 16-bit weights: a standalone model that plain transformers loads."""
+    from qalign.progress import Progress
+    from qalign.recipe import load_recipe
+
+    with _user_errors():
+        if dtype not in (None, "bf16", "fp16", "fp32"):
+            raise UserError(f"--dtype {dtype}: expected bf16, fp16 or fp32")
+        if base_weights not in (None, "nf4-roundtrip", "original"):
+            raise UserError(f"--base-weights {base_weights}: expected nf4-roundtrip or original")
+        if stage not in (None, *STAGES):
+            raise UserError(f"--stage {stage}: expected one of {', '.join(STAGES)}")
+        progress = Progress(console, err_console)
+        if recipe is not None:
+            if base is not None or adapter is not None:
+                raise UserError("give either a recipe or --base/--adapter/--out, not both")
+            loaded = load_recipe(recipe, set_)
+            _quiet_libraries()
+            from qalign.merge import run_merge
+
+            run_merge(loaded, progress, stage, out, dtype, base_weights, overwrite)
+            return
+        if adapter is None or out is None:
+            raise UserError("qalign merge needs a recipe, or --adapter DIR --out DIR (and --base MODEL)")
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
+        _quiet_libraries()
+        from qalign.merge import TrainedAs
+        from qalign.merge import merge as merge_adapter
+
+        trained = TrainedAs.from_adapter(adapter, base)
+        merge_adapter(
+            trained, adapter, out, dtype or "bf16", base_weights or "nf4-roundtrip", [], progress, overwrite
+        )
 
 
 @app.command()

@@ -108,11 +108,12 @@ def _no_cpu_inference_packing(model: torch.nn.Module) -> None:
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """`all-linear` for this architecture: every linear layer (4-bit or not) except the LM head."""
     import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers when not quantized
 
     head = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
-        if module is head or not isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit):
+        if module is head or not isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit | Conv1D):
             continue
         names.add(name.rsplit(".", 1)[-1])
     if not names:

@@ -121,6 +121,16 @@ class DpoSpec(TrainSpec):
     exists, else a fresh adapter on the base."""
 
 
+class MergeSpec(_Section):
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Precision of the exported weights."""
+    base_weights: Literal["nf4-roundtrip", "original"] = "nf4-roundtrip"
+    """nf4-roundtrip: add the adapter to the base weights as training saw them (quantized, dequantized), so the
+    merged model computes what was trained. original: add it to the untouched 16-bit weights."""
+    out: str | None = None
+    """Output folder, relative to the recipe; default <output_dir>/merged."""
+
+
 class Recipe(_Section):
     name: str = Field(min_length=1)
     output_dir: str | None = None
@@ -130,6 +140,8 @@ class Recipe(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     sft: SftSpec | None = None
     dpo: DpoSpec | None = None
+    merge: MergeSpec | None = None
+    """When present, `qalign run` ends by merging the last stage's adapter."""
 
     # Not recipe keys: where the recipe came from, so that relative paths and messages can name it.
     _source: Path = Path("recipe.yaml")
@@ -224,6 +236,8 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
         stage.data.train = _data_or_path(stage.data.train, base_dir, f"{name}.data.train", recipe)
         if stage.data.eval is not None:
             stage.data.eval = _data_or_path(stage.data.eval, base_dir, f"{name}.data.eval", recipe)
+    if recipe.merge is not None and recipe.merge.out is not None:
+        recipe.merge.out = str(_local(recipe.merge.out, base_dir))
     if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
         adapter = _local(recipe.dpo.init_adapter, base_dir)
         if not (adapter / "adapter_config.json").is_file():

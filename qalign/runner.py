@@ -158,7 +158,17 @@ class StageRun:
             self.recipe.to_yaml(),
         )
         trainer.fit(self.resume)
-        trainer.save_adapter(self.adapter_dir, overwrite=True)
+        metadata = {
+            "qalign": __version__,
+            "stage": self.name,
+            "base": self.recipe.model.base,
+            "revision": self.recipe.model.revision,
+            "quantization": self.recipe.model.quantization,
+            "double_quant": self.recipe.model.double_quant,
+            "compute_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32"),
+            "trust_remote_code": self.recipe.model.trust_remote_code,
+        }
+        trainer.save_adapter(self.adapter_dir, overwrite=True, metadata=metadata)
         trainer.log_final({"adapter": str(self.adapter_dir)})
         self.progress.info(f"adapter saved to {self.adapter_dir}")
         return self.adapter_dir

@@ -71,7 +71,8 @@ def total_steps(spec: TrainSpec, n_examples: int) -> tuple[int, int]:
 
 def lr_factor(spec: TrainSpec, step: int, total: int) -> float:
     """Multiplier on the peak learning rate after `step` optimizer steps: linear warmup, then the schedule."""
-    warmup = math.ceil(spec.warmup_ratio * total)
+    # round() first: 0.07 * 100 is 7.000000000000001, which must not become 8 warmup steps.
+    warmup = math.ceil(round(spec.warmup_ratio * total, 9))
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if spec.scheduler == "constant":
@@ -224,7 +225,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         def write(folder: Path) -> None:
-            self.model.save_pretrained(str(folder))
+            # Only the trained adapter: DPO's live reference is a frozen copy of the starting one.
+            self.model.save_pretrained(str(folder), selected_adapters=["default"])
             save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
             save_torch(self.scheduler.state_dict(), folder / "scheduler.pt")
             save_torch(capture_rng_state(), folder / "rng.pt")
@@ -285,11 +287,13 @@ class Trainer:
     def log_final(self, record: dict) -> None:
         self._log({"step": self.step, "final": True, **record})
 
-    def save_adapter(self, target: Path, overwrite: bool) -> None:
-        """The finished adapter (peft format plus tokenizer), written atomically."""
+    def save_adapter(self, target: Path, overwrite: bool, metadata: dict) -> None:
+        """The finished adapter (peft format plus tokenizer, and `qalign.json`: how the base was loaded, which
+        merge and chat need to rebuild what training saw), written atomically."""
         with atomic_dir(target, replace=overwrite or target.exists()) as folder:
-            self.model.save_pretrained(str(folder))
+            self.model.save_pretrained(str(folder), selected_adapters=["default"])
             self.tokenizer.save_pretrained(str(folder))
+            (folder / "qalign.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._signal is not None:

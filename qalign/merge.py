@@ -1,0 +1,358 @@
+"""Folding a LoRA adapter into full-precision weights, and checking that the result computes what was trained.
+
+Never into 4-bit weights: the base is loaded once in 16-bit, each adapted weight gets its LoRA delta added in
+fp32 and is cast once. With `nf4-roundtrip` the weight the delta is added to is the base weight quantized and
+dequantized exactly as training saw it (read from the checkpoint in its stored precision, quantized with the
+same block size, type and double quantization), so the merged model computes what was trained; `original`
+adds it to the untouched weights instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qalign.checkpoint import atomic_dir, atomic_write_text
+from qalign.errors import UserError
+from qalign.progress import Progress
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# bitsandbytes' 4-bit block size, which transformers' loader uses.
+BLOCKSIZE = 64
+
+
+@dataclass
+class TrainedAs:
+    """How the base was loaded for training (from the adapter's qalign.json, or the recipe)."""
+
+    base: str
+    quantization: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "fp32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_adapter(cls, adapter: Path, base: str | None = None) -> TrainedAs:
+        meta_path = adapter / "qalign.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        base = base or meta.get("base") or config.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{adapter}: the adapter does not say which base it belongs to; pass --base")
+        fields = ("quantization", "double_quant", "compute_dtype", "revision", "trust_remote_code")
+        return cls(base=base, **{k: meta[k] for k in fields if k in meta})
+
+
+def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """Module name (as in the base model) -> the fp32 weight delta scale * B @ A."""
+    config_path = adapter / "adapter_config.json"
+    weights_path = adapter / "adapter_model.safetensors"
+    if not config_path.exists() or not weights_path.exists():
+        raise UserError(
+            f"{adapter}: not a LoRA adapter folder (adapter_config.json and adapter_model.safetensors)"
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
+        raise UserError(f"{adapter}: only plain LoRA adapters can be merged (no DoRA, no fan_in_fan_out)")
+    weights = load_file(str(weights_path))
+    deltas = {}
+    for key, a in weights.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+        b = weights[key.replace("lora_A", "lora_B")]
+        short = module.rsplit(".", 1)[-1]
+        r = config.get("rank_pattern", {}).get(short, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(short, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        deltas[module] = (b.float() @ a.float()) * scale
+    if not deltas:
+        raise UserError(f"{adapter}: the adapter holds no LoRA weights")
+    return deltas
+
+
+def _checkpoint_reader(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for reading single weights in their stored dtype."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        with safe_open(str(single), "pt") as handle:
+            return dict.fromkeys(handle.keys(), single)
+    return {}
+
+
+def _stored_weight(reader: dict[str, Path], name: str, fallback: torch.Tensor) -> torch.Tensor:
+    path = reader.get(name)
+    if path is None:  # a checkpoint whose names transformers converts on load: the loaded tensor is exact too
+        return fallback
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(name)
+
+
+def roundtrip(weight: torch.Tensor, trained: TrainedAs) -> torch.Tensor:
+    """The weight as the 4-bit layer handed it to the matmul during training."""
+    import bitsandbytes.functional as bnbf
+
+    as_loaded = weight.to(DTYPES[trained.compute_dtype])
+    packed, state = bnbf.quantize_4bit(
+        as_loaded,
+        blocksize=BLOCKSIZE,
+        compress_statistics=trained.double_quant,
+        quant_type=trained.quantization,
+    )
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def merge_to_folder(
+    trained: TrainedAs,
+    adapter: Path,
+    out: Path,
+    dtype: str,
+    base_weights: str,
+    progress: Progress,
+    overwrite: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Write the merged model (sharded safetensors, config without quantization, tokenizer) atomically;
+    `check` runs on the finished folder before it is renamed into place, so it can add its report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    deltas = lora_deltas(adapter)
+    if base_weights == "nf4-roundtrip" and trained.quantization == "none":
+        base_weights = "original"  # nothing was quantized in training
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            trained.base,
+            revision=trained.revision,
+            dtype=DTYPES[dtype],
+            trust_remote_code=trained.trust_remote_code,
+            use_safetensors=True,
+            low_cpu_mem_usage=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load the base '{trained.base}' in 16-bit: {str(exc).splitlines()[0]}"
+        ) from None
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise UserError(
+            f"{trained.base} is a pre-quantized checkpoint; merge needs the original 16-bit weights"
+        )
+    reader = _checkpoint_reader(Path(trained.base)) if Path(trained.base).is_dir() else {}
+    modules = dict(model.named_modules())
+    missing = [name for name in deltas if name not in modules]
+    if missing:
+        raise UserError(f"{adapter}: adapter modules not in {trained.base}: {', '.join(missing[:3])}")
+    with progress.bar("merge", len(deltas), 0) as bar, torch.no_grad():
+        for done, (name, delta) in enumerate(deltas.items(), start=1):
+            weight = modules[name].weight
+            start = _stored_weight(reader, f"{name}.weight", weight).float()
+            if base_weights == "nf4-roundtrip":
+                start = roundtrip(start, trained).float()
+            weight.copy_((start + delta).to(weight.dtype))
+            bar.update(done, {})
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    with atomic_dir(out, replace=overwrite) as folder:
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(folder)
+        del model
+        if check is not None:
+            check(folder)
+    progress.info(f"merged model written to {out} ({dtype}, base weights {base_weights})")
+
+
+@torch.no_grad()
+def fidelity(trained: TrainedAs, adapter: Path, merged: Path, texts: list[str]) -> dict:
+    """Logits of the merged model against the base + adapter exactly as trained, both computing in the
+    training's compute dtype (the merged weights keep their own rounding), on `texts`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qalign.model import load_base
+    from qalign.recipe import ModelSpec
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    encoded = [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
+    spec = ModelSpec(
+        base=trained.base,
+        revision=trained.revision,
+        quantization=trained.quantization,
+        double_quant=trained.double_quant,
+        compute_dtype=trained.compute_dtype,
+        trust_remote_code=trained.trust_remote_code,
+    )
+    # One model at a time, so the check never holds two 16-bit copies.
+    reference = PeftModel.from_pretrained(load_base(spec, torch.device("cpu")), str(adapter)).eval()
+    expected = [reference(input_ids=ids).logits.float() for ids in encoded]
+    del reference
+    compute = DTYPES[trained.compute_dtype]
+    model = AutoModelForCausalLM.from_pretrained(merged).to(compute).eval()
+    got = [model(input_ids=ids).logits.float() for ids in encoded]
+    del model
+    ref, out = torch.cat([e[0] for e in expected]), torch.cat([g[0] for g in got])
+    kl = torch.nn.functional.kl_div(
+        out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none"
+    )
+    return {
+        "max_abs_logit_diff": (ref - out).abs().max().item(),
+        "mean_kl": max(0.0, kl.sum(-1).mean().item()),  # float noise can dip below zero
+        "top1_agreement": (ref.argmax(-1) == out.argmax(-1)).float().mean().item(),
+        "positions": int(ref.shape[0]),
+        "examples": len(texts),
+        "compute_dtype": trained.compute_dtype,
+    }
+
+
+BUILTIN_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain in one sentence why the sky is blue.",
+    "List three prime numbers.",
+)
+# Below these the merged model visibly computes something other than what was trained.
+MIN_TOP1_AGREEMENT = 0.98
+MAX_MEAN_KL = 0.01
+
+
+def sample_texts(tokenizer: object, conversations: list[list[dict]]) -> list[str]:
+    """A few rendered conversations from the run's own data, else built-in prompts in the chat template."""
+    if not conversations:
+        conversations = [[{"role": "user", "content": p}] for p in BUILTIN_PROMPTS]
+    texts = []
+    for messages in conversations[:4]:
+        open_turn = messages[-1]["role"] != "assistant"
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn))
+    return texts
+
+
+def merge(
+    trained: TrainedAs,
+    adapter: Path,
+    out: Path,
+    dtype: str,
+    base_weights: str,
+    conversations: list[list[dict]],
+    progress: Progress,
+    overwrite: bool = False,
+) -> dict:
+    """Merge, check fidelity on the finished folder, and save merge_report.json beside the weights."""
+    from transformers import AutoTokenizer
+
+    report: dict = {
+        "base": trained.base,
+        "adapter": str(adapter),
+        "adapter_sha256": adapter_digest(adapter),
+        "dtype": dtype,
+        "base_weights": base_weights,
+        "trained_as": trained.__dict__,
+    }
+
+    def check(folder: Path) -> None:
+        texts = sample_texts(AutoTokenizer.from_pretrained(adapter), conversations)
+        report["fidelity"] = fidelity(trained, adapter, folder, texts)
+        atomic_write_text(folder / "merge_report.json", json.dumps(report, indent=2) + "\n")
+
+    merge_to_folder(trained, adapter, out, dtype, base_weights, progress, overwrite, check)
+    result = report["fidelity"]
+    progress.info(
+        f"fidelity vs base + adapter as trained ({result['positions']} positions, computing in "
+        f"{result['compute_dtype']}): max |logit diff| "
+        f"{result['max_abs_logit_diff']:.3g}, mean KL {result['mean_kl']:.3g}, "
+        f"top-1 agreement {result['top1_agreement']:.1%}"
+    )
+    if result["top1_agreement"] < MIN_TOP1_AGREEMENT or result["mean_kl"] > MAX_MEAN_KL:
+        hint = (
+            "base_weights: original adds the adapter to weights it was not trained against; "
+            "use merge.base_weights: nf4-roundtrip"
+            if base_weights == "original"
+            else "try merge.dtype: fp32 to rule out rounding"
+        )
+        progress.warn(f"POOR FIDELITY: the merged model does not compute what was trained ({hint})")
+    return report
+
+
+def adapter_digest(adapter: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:20]
+
+
+def run_merge(
+    recipe: object,
+    progress: Progress,
+    stage: str | None = None,
+    out: Path | None = None,
+    dtype: str | None = None,
+    base_weights: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """`qalign merge RECIPE`: the last stage's adapter (or `stage`'s) into <output_dir>/merged/."""
+    from qalign.data import read_rows, to_messages
+    from qalign.recipe import MergeSpec
+
+    spec = recipe.merge or MergeSpec()
+    stages = [stage] if stage else ["dpo", "sft"]
+    adapters = [
+        recipe.out / s / "adapter"
+        for s in stages
+        if (recipe.out / s / "adapter" / "adapter_config.json").exists()
+    ]
+    if not adapters:
+        which = f"the {stage} stage" if stage else "any stage"
+        raise UserError(f"{recipe.source}: no adapter from {which} in {recipe.out}; train first (qalign run)")
+    adapter = adapters[0]
+    out = out or Path(spec.out or recipe.out / "merged")
+    dtype, base_weights = dtype or spec.dtype, base_weights or spec.base_weights
+    report_path = out / "merge_report.json"
+    if report_path.exists() and not overwrite:
+        done = json.loads(report_path.read_text())
+        if done.get("adapter_sha256") == adapter_digest(adapter) and (
+            done["dtype"],
+            done["base_weights"],
+        ) == (
+            dtype,
+            base_weights,
+        ):
+            progress.info(f"merge is already complete: {out}")
+            return out
+    trained = TrainedAs.from_adapter(adapter, base=recipe.model.base)
+    conversations = []
+    stage_spec = getattr(recipe, adapter.parent.name)
+    try:
+        rows = read_rows(stage_spec.data.train, stage_spec.data.train_split)[:4]
+        if adapter.parent.name == "sft":
+            from qalign.data import detect_format
+
+            fmt = detect_format(rows, stage_spec.data.format)
+            conversations = [to_messages(row, fmt) for row in rows]
+        else:
+            from qalign.dpo import split_preference
+
+            conversations = [[*p, c] for p, c, _ in (split_preference(row) for row in rows)]
+    except UserError as exc:
+        progress.warn(f"checking fidelity on built-in prompts: the training data is not readable ({exc})")
+    merge(
+        trained,
+        adapter,
+        out,
+        dtype,
+        base_weights,
+        conversations,
+        progress,
+        overwrite=overwrite or out.exists(),
+    )
+    return out
