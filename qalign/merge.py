@@ -9,6 +9,7 @@ adds it to the untouched weights instead.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Callable
@@ -51,8 +52,9 @@ class TrainedAs:
         return cls(base=base, **{k: meta[k] for k in fields if k in meta})
 
 
-def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
-    """Module name (as in the base model) -> the fp32 weight delta scale * B @ A."""
+def lora_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Module name (as in the base model) -> (A, B, scale); the delta scale * B @ A is formed one module at a
+    time while merging, since all of them at once would be a full fp32 copy of the adapted weights."""
     config_path = adapter / "adapter_config.json"
     weights_path = adapter / "adapter_model.safetensors"
     if not config_path.exists() or not weights_path.exists():
@@ -63,7 +65,7 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
         raise UserError(f"{adapter}: only plain LoRA adapters can be merged (no DoRA, no fan_in_fan_out)")
     weights = load_file(str(weights_path))
-    deltas = {}
+    factors = {}
     for key, a in weights.items():
         if not key.endswith("lora_A.weight"):
             continue
@@ -73,10 +75,10 @@ def lora_deltas(adapter: Path) -> dict[str, torch.Tensor]:
         r = config.get("rank_pattern", {}).get(short, config["r"])
         alpha = config.get("alpha_pattern", {}).get(short, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        deltas[module] = (b.float() @ a.float()) * scale
-    if not deltas:
+        factors[module] = (a, b, scale)
+    if not factors:
         raise UserError(f"{adapter}: the adapter holds no LoRA weights")
-    return deltas
+    return factors
 
 
 def _checkpoint_reader(model_dir: Path) -> dict[str, Path]:
@@ -129,7 +131,7 @@ def merge_to_folder(
 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    deltas = lora_deltas(adapter)
+    lora_factors(adapter)  # fail on a bad adapter before the slow base load
     if base_weights == "nf4-roundtrip" and trained.quantization == "none":
         base_weights = "original"  # nothing was quantized in training
     try:
@@ -150,18 +152,7 @@ def merge_to_folder(
             f"{trained.base} is a pre-quantized checkpoint; merge needs the original 16-bit weights"
         )
     reader = _checkpoint_reader(Path(trained.base)) if Path(trained.base).is_dir() else {}
-    modules = dict(model.named_modules())
-    missing = [name for name in deltas if name not in modules]
-    if missing:
-        raise UserError(f"{adapter}: adapter modules not in {trained.base}: {', '.join(missing[:3])}")
-    with progress.bar("merge", len(deltas), 0) as bar, torch.no_grad():
-        for done, (name, delta) in enumerate(deltas.items(), start=1):
-            weight = modules[name].weight
-            start = _stored_weight(reader, f"{name}.weight", weight).float()
-            if base_weights == "nf4-roundtrip":
-                start = roundtrip(start, trained).float()
-            weight.copy_((start + delta).to(weight.dtype))
-            bar.update(done, {})
+    _fold(model, lora_factors(adapter), reader, base_weights, trained, progress)
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -170,9 +161,33 @@ def merge_to_folder(
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(folder)
         del model
+        gc.collect()  # the check loads other models; never two 16-bit copies at once
         if check is not None:
             check(folder)
     progress.info(f"merged model written to {out} ({dtype}, base weights {base_weights})")
+
+
+@torch.no_grad()
+def _fold(
+    model: torch.nn.Module,
+    factors: dict,
+    reader: dict[str, Path],
+    base_weights: str,
+    trained: TrainedAs,
+    progress: Progress,
+) -> None:
+    modules = dict(model.named_modules())
+    missing = [name for name in factors if name not in modules]
+    if missing:
+        raise UserError(f"adapter modules not in {trained.base}: {', '.join(missing[:3])}")
+    with progress.bar("merge", len(factors), 0) as bar:
+        for done, (name, (a, b, scale)) in enumerate(factors.items(), start=1):
+            weight = modules[name].weight
+            start = _stored_weight(reader, f"{name}.weight", weight).float()
+            if base_weights == "nf4-roundtrip":
+                start = roundtrip(start, trained).float()
+            weight.copy_((start + (b.float() @ a.float()) * scale).to(weight.dtype))
+            bar.update(done, {})
 
 
 @torch.no_grad()
