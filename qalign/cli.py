@@ -93,11 +93,22 @@ NoResume = Annotated[
     bool, typer.Option("--no-resume", help="Start over instead of resuming from the last checkpoint.")
 ]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Allow replacing a finished adapter.")]
+ForceResume = Annotated[
+    bool,
+    typer.Option(
+        "--force-resume", help="Resume even though the recipe or data changed since the checkpoint."
+    ),
+]
 STAGES = ("sft", "dpo")
 
 
 def _train(
-    recipe: Path, overrides: list[str] | None, stages: tuple[str, ...], resume: bool, overwrite: bool
+    recipe: Path,
+    overrides: list[str] | None,
+    stages: tuple[str, ...],
+    resume: bool,
+    overwrite: bool,
+    force_resume: bool,
 ) -> None:
     from qalign.progress import Progress
     from qalign.recipe import load_recipe
@@ -121,31 +132,43 @@ def _train(
             if name == "merge":
                 run_merge(loaded, progress, overwrite=overwrite)
             else:
-                runners[name](loaded, progress, resume=resume, overwrite=overwrite)
+                runners[name](loaded, progress, resume=resume, overwrite=overwrite, force_resume=force_resume)
 
 
 @app.command()
 def sft(
-    recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    no_resume: NoResume = False,
+    overwrite: Overwrite = False,
+    force_resume: ForceResume = False,
 ) -> None:
     """Supervised fine-tuning: LoRA on the 4-bit base, loss on assistant tokens only."""
-    _train(recipe, set_, ("sft",), not no_resume, overwrite)
+    _train(recipe, set_, ("sft",), not no_resume, overwrite, force_resume)
 
 
 @app.command()
 def dpo(
-    recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    no_resume: NoResume = False,
+    overwrite: Overwrite = False,
+    force_resume: ForceResume = False,
 ) -> None:
     """Direct Preference Optimization, starting from (and referenced to) the SFT adapter when there is one."""
-    _train(recipe, set_, ("dpo",), not no_resume, overwrite)
+    _train(recipe, set_, ("dpo",), not no_resume, overwrite, force_resume)
 
 
 @app.command()
 def run(
-    recipe: RecipeArg, set_: SetOpt = None, no_resume: NoResume = False, overwrite: Overwrite = False
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    no_resume: NoResume = False,
+    overwrite: Overwrite = False,
+    force_resume: ForceResume = False,
 ) -> None:
     """Every stage the recipe has, in order (sft, dpo, then merge), resuming whatever is already done."""
-    _train(recipe, set_, (*STAGES, "merge"), not no_resume, overwrite)
+    _train(recipe, set_, (*STAGES, "merge"), not no_resume, overwrite, force_resume)
 
 
 @app.command()

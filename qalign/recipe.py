@@ -95,6 +95,8 @@ class TrainSpec(_Section):
     eval_every: int = Field(200, ge=0)
     """Evaluate every N steps (and at the end) when data.eval is set; 0 = only at the end."""
     log_every: int = Field(1, gt=0)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the step and count it."""
 
 
 class SftSpec(TrainSpec):

@@ -29,6 +29,7 @@ from qalign.sft import collate_sft, prepare_sft, sft_step
 from qalign.train import Stage, Trainer, total_steps
 
 RUN_MARKER = ".qalign-run"
+BOOKKEEPING = {"save_every", "save_total_limit", "eval_every", "log_every", "nan_policy"}
 
 
 def check_output_dir(recipe: Recipe) -> None:
@@ -100,9 +101,17 @@ class StageRun:
     """What every stage does around its own data and loss: output checks, seeding, model loading, training,
     and the finished adapter."""
 
-    def __init__(self, recipe: Recipe, name: str, progress: Progress, resume: bool, overwrite: bool) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        name: str,
+        progress: Progress,
+        resume: bool,
+        overwrite: bool,
+        force_resume: bool = False,
+    ) -> None:
         self.recipe, self.name, self.progress = recipe, name, progress
-        self.resume, self.overwrite = resume, overwrite
+        self.resume, self.overwrite, self.force_resume = resume, overwrite, force_resume
         self.spec: TrainSpec = getattr(recipe, name)
         if self.spec is None:
             raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
@@ -145,6 +154,14 @@ class StageRun:
         )
         return model
 
+    def identity(self) -> dict:
+        """The settings a checkpoint must share with the recipe to resume exactly (not where or how often
+        things are saved, evaluated or logged)."""
+        dumped = self.recipe.model_dump(mode="json")
+        section = {k: v for k, v in dumped[self.name].items() if k not in BOOKKEEPING}
+        section["data"] = {k: v for k, v in section["data"].items() if not k.startswith("eval")}
+        return {"seed": dumped["seed"], "model": dumped["model"], "lora": dumped["lora"], self.name: section}
+
     def train(self, stage: Stage, model: torch.nn.Module) -> Path:
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "no")
         trainer = Trainer(
@@ -156,6 +173,8 @@ class StageRun:
             precision,
             self.progress,
             self.recipe.to_yaml(),
+            identity=self.identity(),
+            force_resume=self.force_resume,
         )
         trainer.fit(self.resume)
         metadata = {
@@ -174,9 +193,15 @@ class StageRun:
         return self.adapter_dir
 
 
-def run_sft(recipe: Recipe, progress: Progress, resume: bool = True, overwrite: bool = False) -> Path:
+def run_sft(
+    recipe: Recipe,
+    progress: Progress,
+    resume: bool = True,
+    overwrite: bool = False,
+    force_resume: bool = False,
+) -> Path:
     """`qalign sft`: returns the adapter folder."""
-    run = StageRun(recipe, "sft", progress, resume, overwrite)
+    run = StageRun(recipe, "sft", progress, resume, overwrite, force_resume)
     train, evals = load_stage_data(recipe, "sft", run.tokenizer, progress)
     if run.already_done(len(train)):
         return run.adapter_dir
@@ -210,12 +235,18 @@ def _start_over(stage_dir: Path) -> None:
             path.unlink()
 
 
-def run_dpo(recipe: Recipe, progress: Progress, resume: bool = True, overwrite: bool = False) -> Path:
+def run_dpo(
+    recipe: Recipe,
+    progress: Progress,
+    resume: bool = True,
+    overwrite: bool = False,
+    force_resume: bool = False,
+) -> Path:
     """`qalign dpo`: starts from the SFT adapter when there is one; the frozen start is the reference."""
     from qalign.dpo import collate_dpo, make_dpo_step
     from qalign.reference import adapter_digest, attach_reference, cache_key
 
-    run = StageRun(recipe, "dpo", progress, resume, overwrite)
+    run = StageRun(recipe, "dpo", progress, resume, overwrite, force_resume)
     spec = run.spec
     train, evals = load_stage_data(recipe, "dpo", run.tokenizer, progress)
     if run.already_done(len(train)):

@@ -3,7 +3,6 @@ the loop owns order, accumulation, optimizer, schedule, checkpoints, resume, eva
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -94,10 +93,16 @@ class Trainer:
         mixed_precision: str,
         progress: Progress,
         recipe_yaml: str,
+        identity: dict | None = None,
+        force_resume: bool = False,
     ) -> None:
         self.stage, self.spec, self.model, self.tokenizer = stage, stage.spec, model, tokenizer
         self.run_dir, self.seed, self.progress = run_dir, seed, progress
         self.recipe_yaml = recipe_yaml
+        # What must not change between a checkpoint and its resume for the result to stay exact.
+        self.identity = identity or {}
+        self.force_resume = force_resume
+        self.skipped = 0
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.total, self.per_epoch = total_steps(self.spec, len(stage.train))
@@ -129,16 +134,20 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "recipe.yaml", self.recipe_yaml)
         if resume:
             self._resume()
+        # Only after the resume check: a refused resume leaves the run's files as they were.
+        atomic_write_text(self.run_dir / "recipe.yaml", self.recipe_yaml)
         self._truncate_metrics()
         self.model.train()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.progress.bar(self.stage.name, self.total, self.step) as bar:
                 while self.step < self.total:
-                    record = self._train_step()
+                    try:
+                        record = self._train_step()
+                    except torch.OutOfMemoryError:
+                        raise TrainingStopped(self._out_of_memory(), 1) from None
                     self.step += 1
                     final = self.step == self.total
                     if self.stage.eval and (
@@ -179,26 +188,47 @@ class Trainer:
             self.accelerator.backward(loss)
             for key, value in shares.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        if not math.isfinite(sums.get("loss", 0.0)):
-            raise TrainingStopped(
-                f"step {self.step + 1}: the loss is {sums['loss']}; stopped without saving, the last "
-                "checkpoint is kept. Likely causes: a learning rate too high, fp16 overflow (try "
-                "compute_dtype: bf16 or fp32), or bad data",
-                1,
-            )
-        grad_norm = None
-        if self.spec.max_grad_norm > 0:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(self.accelerator.clip_grad_norm_(params, self.spec.max_grad_norm))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # max_norm=inf measures without clipping, so non-finite gradients are caught either way.
+        limit = self.spec.max_grad_norm if self.spec.max_grad_norm > 0 else math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, limit))
         lr = self.scheduler.get_last_lr()[0]
+        record = {"step": self.step + 1, **sums, "lr": lr}
+        # Under fp16 loss scaling an inf gradient is routine: the scaler skips that step itself.
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        problem = None
+        if not math.isfinite(sums.get("loss", 0.0)):
+            problem = f"the loss is {sums.get('loss')}"
+        elif not math.isfinite(grad_norm) and not scaled:
+            problem = f"the gradient norm is {grad_norm}"
+        if problem is not None:
+            if self.spec.nan_policy != "skip":
+                latest = self.checkpoints.latest()
+                kept = (
+                    f"the last good checkpoint ({latest.name}) is kept"
+                    if latest
+                    else "no checkpoint was saved yet"
+                )
+                raise TrainingStopped(
+                    f"step {self.step + 1}: {problem}; stopped without saving, {kept}. Likely causes: a learning "
+                    "rate too high, fp16 overflow (try compute_dtype: bf16 or fp32), or bad data; "
+                    f"{self.stage.name}.nan_policy: skip skips such steps instead",
+                    1,
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.skipped += 1
+            self.progress.warn(f"step {self.step + 1}: {problem}; skipped ({self.skipped} so far)")
+            return {**record, "skipped": True, "skipped_steps": self.skipped}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
-        record = {"step": self.step + 1, **sums, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         record["epoch"] = round((self.step + 1) / self.per_epoch, 4)
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+        record["grad_norm"] = grad_norm
+        if self.skipped:
+            record["skipped_steps"] = self.skipped
         return record
 
     @torch.no_grad()
@@ -219,10 +249,25 @@ class Trainer:
         self.model.train(was_training)
         return {f"eval_{k}": v for k, v in sums.items()}
 
-    # -- checkpoints -------------------------------------------------------------------------------------
-    def _fingerprint(self) -> str:
-        return hashlib.sha256((self.recipe_yaml + self.stage.data_hash).encode()).hexdigest()[:16]
+    def _out_of_memory(self) -> str:
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+        name, spec = self.stage.name, self.spec
+        fixes = []
+        if not spec.gradient_checkpointing:
+            fixes.append(f"--set {name}.gradient_checkpointing=true")
+        if spec.batch_size > 1:
+            fixes.append(
+                f"--set {name}.batch_size={spec.batch_size // 2} --set {name}.grad_accum={spec.grad_accum * 2} "
+                "(same effective batch)"
+            )
+        fixes.append(f"--set {name}.max_length={max(64, spec.max_length // 2)}")
+        return (
+            f"out of GPU memory at step {self.step + 1} (peak {peak:.1f} GiB allocated of {total:.1f} GiB); "
+            f"the last checkpoint is kept. Try: {'; or '.join(fixes)}"
+        )
 
+    # -- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         def write(folder: Path) -> None:
             # Only the trained adapter: DPO's live reference is a frozen copy of the starting one.
@@ -239,7 +284,9 @@ class Trainer:
             "total_steps": self.total,
             "epoch": epoch,
             "step_in_epoch": within,
-            "fingerprint": self._fingerprint(),
+            "identity": self.identity,
+            "data_hash": self.stage.data_hash,
+            "skipped_steps": self.skipped,
             **self.stage.extra_state,
         }
         return self.checkpoints.save(self.step, write, state)
@@ -249,11 +296,16 @@ class Trainer:
         if latest is None:
             return
         state = CheckpointManager.read_state(latest)
-        if state.get("fingerprint") != self._fingerprint():
+        changes = _differences(state.get("identity", {}), self.identity)
+        if state.get("data_hash") != self.stage.data_hash:
+            changes.append("the training data (or its tokenization)")
+        if changes and not self.force_resume:
             raise UserError(
-                f"{latest}: this checkpoint was made with a different recipe or data; run with --no-resume "
-                "to start over (a finished adapter is kept unless you also pass --overwrite)"
+                f"{latest}: changed since this checkpoint: {'; '.join(changes[:4])}. Resuming would not reproduce "
+                "an uninterrupted run: pass --force-resume to continue anyway, or --no-resume to start over"
             )
+        if changes:
+            self.progress.warn(f"resuming despite changes (--force-resume): {'; '.join(changes[:4])}")
         weights = load_file(str(latest / "adapter_model.safetensors"))
         set_peft_model_state_dict(self.model, weights)
         self.optimizer.load_state_dict(load_torch(latest / "optimizer.pt"))
@@ -263,6 +315,7 @@ class Trainer:
             scaler.load_state_dict(load_torch(latest / "scaler.pt"))
         restore_rng_state(load_torch(latest / "rng.pt"))
         self.step = int(state["step"])
+        self.skipped = int(state.get("skipped_steps", 0))
         self.progress.info(f"resuming from {latest} (step {self.step} of {self.total})")
 
     # -- outputs -------------------------------------------------------------------------------------------
@@ -301,3 +354,15 @@ class Trainer:
             raise KeyboardInterrupt
         self._signal = signum
         self.progress.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable `key: old -> new` for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
