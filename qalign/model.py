@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qalign.chat_template import CHATML_TEMPLATE
@@ -81,11 +82,18 @@ def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
                 "": device.index if device.type == "cuda" and device.index is not None else device.type
             },
             trust_remote_code=spec.trust_remote_code,
-            use_safetensors=True,
+            # Pickle checkpoints can run code when loaded; they need an explicit opt-in (and even then
+            # transformers unpickles with weights_only=True).
+            use_safetensors=None if spec.allow_pickle else True,
             **kwargs,
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.base: cannot load '{spec.base}': {_first_line(exc)}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        folder = Path(spec.base)
+        pickles = folder.is_dir() and any(p.suffix in (".bin", ".pt") for p in folder.iterdir())
+        hint = ""
+        if pickles and not spec.allow_pickle and not any(folder.glob("*.safetensors")):
+            hint = " (this folder has only pickle weights: convert them to safetensors, or set model.allow_pickle: true)"
+        raise UserError(f"model.base: cannot load '{spec.base}': {_first_line(exc)}{hint}") from None
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)

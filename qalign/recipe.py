@@ -34,6 +34,8 @@ class ModelSpec(_Section):
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16; fp32 on CPU."""
     trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Load .bin/.pt weights when there are no safetensors (pickle can run code; only for files you trust)."""
     chat_template: str | None = None
     """Path to a .jinja file replacing the tokenizer's chat template."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
@@ -336,9 +338,37 @@ def _section_types(annotation: Any) -> list[type[BaseModel]]:
     ]
 
 
+# What users of TRL, Axolotl and LLaMA-Factory call our keys.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "cutoff_len": "max_length",
+    "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
+    "model_name_or_path": "base",
+    "base_model": "base",
+    "bf16": "compute_dtype",
+    "load_in_4bit": "quantization",
+}
+
+
 def _did_you_mean(loc: list[str]) -> str:
     known = _schema_paths(Recipe)
     parent, leaf = ".".join(loc[:-1]), loc[-1]
+    leaf = ALIASES.get(leaf, leaf)
     siblings = [p.rsplit(".", 1)[-1] for p in known if p.rpartition(".")[0] == parent]
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
     if close:
