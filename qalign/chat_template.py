@@ -13,6 +13,7 @@ span; tokenizing once keeps the ids identical to what the model sees at inferenc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -115,3 +116,28 @@ def _one_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[in
 def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(with_special) and with_special[0] == tokenizer.bos_token_id
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token that closes an assistant turn in this template (e.g. <|im_end|>, <|eot_id|>), which
+    generation must stop at; None when the template ends turns with plain text."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    rendered = render_conversation(tokenizer, probe)
+    trained = [t for t, label in zip(rendered.input_ids, rendered.labels, strict=True) if label != IGNORE]
+    if trained and not rendered.eos_appended and trained[-1] in set(tokenizer.all_special_ids):
+        return trained[-1]
+    return None
+
+
+def describe_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """One line on how trained tokens are found, for the start of a run and for `validate`."""
+    template = tokenizer.chat_template or ""
+    marked = re.search(r"{%-?\s*generation\s*-?%}", template) is not None
+    end = end_of_turn_id(tokenizer)
+    closing = (
+        f"assistant turns end with {tokenizer.convert_ids_to_tokens(end)!r}"
+        if end is not None
+        else ("assistant turns end without a special token (EOS is appended to final turns)")
+    )
+    how = "has {% generation %} markers" if marked else "has no {% generation %} markers"
+    return f"chat template {how}; trained tokens found by rendering prefixes; {closing}"

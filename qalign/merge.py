@@ -157,6 +157,7 @@ def merge_to_folder(
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(adapter)
+    _stop_at_end_of_turn(model, tokenizer)
     with atomic_dir(out, replace=overwrite) as folder:
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(folder)
@@ -165,6 +166,22 @@ def merge_to_folder(
         if check is not None:
             check(folder)
     progress.info(f"merged model written to {out} ({dtype}, base weights {base_weights})")
+
+
+def _stop_at_end_of_turn(model: torch.nn.Module, tokenizer: object) -> None:
+    """Inference engines stop at generation_config's EOS ids; a chat model must stop at its end-of-turn token
+    too (e.g. <|im_end|> when the tokenizer's EOS is <|endoftext|>), or it keeps talking."""
+    from qalign.chat_template import end_of_turn_id
+
+    end = end_of_turn_id(tokenizer)
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    for token in (tokenizer.eos_token_id, end):
+        if token is not None and token not in ids:
+            ids.append(token)
+    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 @torch.no_grad()

@@ -79,6 +79,9 @@ def load_stage_data(
 
         return prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
 
+    from qalign.chat_template import describe_template
+
+    progress.info(describe_template(tokenizer))
     train, report = prepare(spec.data.train, spec.data.train_split)
     reports = [report]
     evals = None

@@ -69,6 +69,8 @@ def test_run_merges_the_dpo_adapter_into_a_plain_model(trained_run, tiny_model):
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert {"tokenizer.json", "generation_config.json", "merge_report.json"} <= set(names)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert set(generation["eos_token_id"]) == {0, 4}  # <|endoftext|> and the template's <|im_end|>
     report = json.loads((out / "merge_report.json").read_text())
     assert report["adapter"].endswith("dpo/adapter") and report["base_weights"] == "nf4-roundtrip"
     assert report["fidelity"]["top1_agreement"] == 1.0 and report["fidelity"]["max_abs_logit_diff"] < 1e-3
