@@ -275,6 +275,39 @@ def validate(
         console.print("[green]data ok[/green]")
 
 
+@app.command("chat")
+def chat_command(
+    target: Annotated[
+        Path, typer.Argument(help="A recipe (.yaml), a merged model folder or an adapter folder.")
+    ],
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", help="With a recipe: sft, dpo or base; default the last trained stage."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Answer this once and exit (for scripts).")
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same answer.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Talk to a model from the terminal: streams tokens, keeps the history; /reset and /exit."""
+    with _user_errors():
+        if stage not in (None, "base", *STAGES):
+            raise UserError(f"--stage {stage}: expected sft, dpo or base")
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+            raise UserError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
+        _quiet_libraries()
+        from qalign.chat import chat
+
+        def warn(message: str) -> None:
+            err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+
+        chat(target, stage, prompt, temperature, top_p, max_new_tokens, seed, console, set_, warn=warn)
+
+
 def main() -> None:
     try:
         app()

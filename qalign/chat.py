@@ -1,0 +1,188 @@
+"""`qalign chat`: talk to any stage of a run (or a merged model, or an adapter) from the terminal."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from qalign.errors import UserError
+
+
+def load_target(target: Path, stage: str | None, overrides: list[str] | None, warn: Callable[[str], None]):
+    """(model, tokenizer, description) for a recipe (+ stage), a merged model folder or an adapter folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qalign.model import compute_dtype, load_base, load_tokenizer, pick_device
+    from qalign.recipe import ModelSpec, load_recipe
+
+    device = pick_device()
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(target, overrides)
+        if stage == "base":
+            return (
+                load_base(recipe.model, device),
+                load_tokenizer(recipe.model, warn),
+                f"{recipe.model.base} (base)",
+            )
+        stages = [stage] if stage else ["dpo", "sft"]
+        found = [
+            recipe.out / s / "adapter"
+            for s in stages
+            if (recipe.out / s / "adapter" / "adapter_config.json").exists()
+        ]
+        if not found:
+            which = f"the {stage} stage" if stage else "any stage"
+            raise UserError(
+                f"{target}: no adapter from {which} in {recipe.out}; train first (qalign run), or use --stage base"
+            )
+        return (
+            _with_adapter(load_base(recipe.model, device), found[0]),
+            AutoTokenizer.from_pretrained(found[0]),
+            str(found[0]),
+        )
+    if (target / "adapter_config.json").is_file():
+        meta_path = target / "qalign.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        base = meta.get("base") or json.loads((target / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+        if not base:
+            raise UserError(f"{target}: the adapter does not name its base model")
+        keys = ("quantization", "double_quant", "compute_dtype", "revision", "trust_remote_code")
+        spec = ModelSpec(base=base, **{k: meta[k] for k in keys if k in meta})
+        return (
+            _with_adapter(load_base(spec, device), target),
+            AutoTokenizer.from_pretrained(target),
+            str(target),
+        )
+    if (target / "config.json").is_file():
+        try:
+            dtype = compute_dtype("auto", device)
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True).to(device)
+            return model, AutoTokenizer.from_pretrained(target), str(target)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{target}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    raise UserError(
+        f"{target}: not a recipe (.yaml), a model folder (config.json) or an adapter (adapter_config.json)"
+    )
+
+
+def _with_adapter(base: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{adapter}: cannot load the adapter: {str(exc).splitlines()[0]}") from None
+
+
+class ChatSession:
+    """A conversation with a model: the history, and streamed replies rendered through its chat template."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int | None) -> None:  # fmt: skip
+        from qalign.chat_template import end_of_turn_id
+
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.temperature, self.top_p, self.max_new_tokens, self.seed = (
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+        )
+        self.history: list[dict] = []
+        stops = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+        self.stop_ids = [t for t in dict.fromkeys(stops) if t is not None]
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer to `text`, piece by piece; the history keeps both turns."""
+        from transformers import TextIteratorStreamer, set_seed
+
+        self.history.append({"role": "user", "content": text})
+        inputs = self.tokenizer.apply_chat_template(
+            self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if self.seed is not None:
+            set_seed(self.seed)  # the same seed gives the same answer: scripts can rely on it
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        kwargs = {
+            **inputs,
+            "streamer": streamer,
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            **(sampling if self.temperature > 0 else {"do_sample": False}),
+        }
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced in the caller's thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        worker.join()
+        if errors:
+            raise errors[0]
+        self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def chat(
+    target: Path,
+    stage: str | None,
+    prompt: str | None,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int | None,
+    console: Console,
+    overrides: list[str] | None = None,
+    input_fn: Callable[[str], str] = input,
+    warn: Callable[[str], None] | None = None,
+) -> ChatSession:
+    """One answer for `prompt`, or an interactive loop with /reset and /exit. Returns the session."""
+    model, tokenizer, described = load_target(target, stage, overrides, warn or (lambda m: None))
+    session = ChatSession(model, tokenizer, temperature, top_p, max_new_tokens, seed)
+
+    def answer(text: str) -> None:
+        for piece in session.reply(text):
+            console.file.write(piece)
+            console.file.flush()
+        console.file.write("\n")
+
+    if prompt is not None:
+        answer(prompt)
+        return session
+    console.print(f"chatting with {described}; /reset clears the conversation, /exit leaves", highlight=False)
+    while True:
+        try:
+            text = input_fn("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return session
+        if text in ("/exit", "/quit"):
+            return session
+        if text == "/reset":
+            session.reset()
+            console.print("(conversation cleared)")
+            continue
+        if text:
+            console.file.write("assistant> ")
+            answer(text)
