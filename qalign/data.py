@@ -55,7 +55,7 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
         elif suffix == ".json":
             rows = _read_json(path)
         elif suffix in (".parquet", ".csv"):
-            rows = _read_with_datasets(suffix[1:], str(path), str(path), data_files=str(path))
+            rows = _read_with_datasets(suffix[1:], str(path), data_files=str(path))
         else:
             raise UserError(
                 f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .parquet or .csv"
