@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU users install the CUDA build themselves (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test lint clean
+.PHONY: install test lint demo demo-assets clean
 
 $(BIN)/qalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check qalign tests
+
+# The offline quickstart: SFT, DPO and merge on the bundled model, then the before/after table.
+demo: install
+	$(BIN)/qalign run recipes/demo.yaml
+	$(BIN)/python scripts/demo_report.py recipes/demo.yaml
+
+# Regenerate the demo's data and pretrain its base model (deterministic; minutes on a CPU).
+demo-assets: install
+	$(BIN)/python scripts/demo_task.py
+	$(BIN)/python scripts/build_demo_model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

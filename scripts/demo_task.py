@@ -3,9 +3,9 @@ measure.
 
 - SFT teaches the answer format: the pretrained base only continues text; after SFT it answers a chat turn
   with `a + b = c.`. Measured by `is_formatted`.
-- DPO teaches a preference: a third of the SFT demonstrations hedge ("Hmm, I think ... but I am not sure."),
-  so the SFT model hedges about as often; the preference pairs prefer the plain answer, and DPO should make
-  hedging rare. Measured by `is_preferred` (formatted, correct and not hedged).
+- DPO teaches a preference: most SFT demonstrations hedge ("I think a + b = c, but I am not sure."), so the
+  SFT model hedges; the preference pairs prefer the plain answer, and DPO should make hedging rare. Measured
+  by `is_preferred` (exactly the plain, correct equation).
 
 `python scripts/demo_task.py` writes the data into recipes/data/ deterministically.
 """
@@ -23,7 +23,10 @@ HEDGES = (
     "Well, let me think. Maybe {a} + {b} = {c}? I could be wrong.",
     "I believe {a} + {b} = {c}, probably.",
 )
-ANSWER = re.compile(r"^\s*(\d+) \+ (\d+) = (\d+)\.\s*$")
+SFT_HEDGE = "I think {a} + {b} = {c}, but I am not sure."
+SFT_HEDGE_SHARE = 0.6
+EQUATION = re.compile(r"(\d+) \+ (\d+) = (\d+)")
+PLAIN = re.compile(r"^\s*(\d+) \+ (\d+) = (\d+)\.\s*$")
 NUMBERS = re.compile(r"(\d+)\D+(\d+)")
 HEDGE_WORDS = ("think", "maybe", "not sure", "believe", "probably", "wrong", "hmm", "well")
 
@@ -35,8 +38,8 @@ def operands(prompt: str) -> tuple[int, int]:
 
 
 def is_formatted(prompt: str, reply: str) -> bool:
-    """The reply is exactly one equation `a + b = c.` about the prompt's numbers (right or wrong)."""
-    match = ANSWER.match(reply)
+    """The reply answers with an equation `a + b = c` about the prompt's numbers (right or wrong, hedged or not)."""
+    match = EQUATION.search(reply)
     return bool(match) and (int(match.group(1)), int(match.group(2))) == operands(prompt)
 
 
@@ -53,7 +56,8 @@ def is_hedged(reply: str) -> bool:
 
 def is_preferred(prompt: str, reply: str) -> bool:
     """What DPO is asked to teach: the plain, correct, unhedged equation."""
-    return is_formatted(prompt, reply) and is_correct(prompt, reply) and not is_hedged(reply)
+    match = PLAIN.match(reply)
+    return bool(match) and is_formatted(prompt, reply) and is_correct(prompt, reply) and not is_hedged(reply)
 
 
 def _pairs(rng: random.Random) -> list[tuple[int, int]]:
@@ -75,8 +79,8 @@ def build(out: Path, seed: int = 0) -> None:
         rows = []
         for a, b in ops * copies:
             reply = f"{a} + {b} = {a + b}."
-            if rng.random() < 1 / 3:
-                reply = rng.choice(HEDGES).format(a=a, b=b, c=a + b)
+            if rng.random() < SFT_HEDGE_SHARE:
+                reply = SFT_HEDGE.format(a=a, b=b, c=a + b)
             rows.append(
                 {
                     "messages": [
@@ -91,7 +95,7 @@ def build(out: Path, seed: int = 0) -> None:
     def dpo_rows(ops: list, copies: int) -> list[dict]:
         rows = []
         for a, b in ops * copies:
-            rejected = rng.choice(HEDGES).format(a=a, b=b, c=a + b)
+            rejected = rng.choice((SFT_HEDGE, *HEDGES)).format(a=a, b=b, c=a + b)
             rows.append({"prompt": prompt(a, b), "chosen": f"{a} + {b} = {a + b}.", "rejected": rejected})
         rng.shuffle(rows)
         return rows
