@@ -23,7 +23,7 @@ def test_scores_by_hand():
     assert is_formatted(prompt, "3 + 4 = 8.") and not is_correct(prompt, "3 + 4 = 8.")
     assert not is_formatted(prompt, "5 + 4 = 9.")  # about other numbers
     hedged = "Hmm, I think 3 + 4 = 7, but I am not sure."
-    assert is_correct(prompt, hedged) and is_hedged(hedged) and not is_formatted(prompt, hedged)
+    assert is_correct(prompt, hedged) and is_hedged(hedged) and is_formatted(prompt, hedged)
     assert not is_preferred(prompt, hedged)
     assert not is_formatted(prompt, "The answer is 7.") and not is_correct(prompt, "The answer is 17.")
 
