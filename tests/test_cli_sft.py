@@ -241,3 +241,17 @@ def test_version_and_help():
     assert result.returncode == 0 and __version__ in result.stdout
     result = subprocess.run([*QALIGN, "--help"], env=ENV, capture_output=True, text=True)
     assert result.returncode == 0 and "sft" in result.stdout and "validate" in result.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path, tiny_model("llama"), max_steps=200, save_every=0, eval_every=0)
+    run = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen([*QALIGN, "sft", str(recipe)], cwd=tmp_path, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    metrics_file = run / "sft" / "metrics.jsonl"
+    wait_for(lambda: metrics_file.exists() and metrics_file.read_text().count("\n") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "Traceback" not in err
+    assert len(list((run / "sft" / "checkpoints").glob("step-*"))) == 1
