@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
 
     from qalign.model import compute_dtype, load_base, load_tokenizer, pick_device
     from qalign.recipe import ModelSpec, load_recipe
+    from qalign.runner import find_adapter
 
     device = pick_device()
     if target.is_file() and target.suffix in (".yaml", ".yml"):
@@ -29,32 +29,27 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
                 load_tokenizer(recipe.model, warn),
                 f"{recipe.model.base} (base)",
             )
-        stages = [stage] if stage else ["dpo", "sft"]
-        found = [
-            recipe.out / s / "adapter"
-            for s in stages
-            if (recipe.out / s / "adapter" / "adapter_config.json").exists()
-        ]
-        if not found:
-            which = f"the {stage} stage" if stage else "any stage"
-            raise UserError(
-                f"{target}: no adapter from {which} in {recipe.out}; train first (qalign run), or use --stage base"
-            )
+        adapter = find_adapter(recipe, stage, "train first (qalign run), or use --stage base")
         return (
-            _with_adapter(load_base(recipe.model, device), found[0]),
-            AutoTokenizer.from_pretrained(found[0]),
-            str(found[0]),
+            _with_adapter(load_base(recipe.model, device), adapter),
+            AutoTokenizer.from_pretrained(adapter),
+            str(adapter),
         )
     if (target / "adapter_config.json").is_file():
-        meta_path = target / "qalign.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        base = meta.get("base") or json.loads((target / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path"
+        from qalign.merge import TrainedAs
+
+        trained = TrainedAs.from_adapter(target)
+        known = (
+            target / "qalign.json"
+        ).exists()  # else the dtype training used is unknown: let the device pick
+        spec = ModelSpec(
+            base=trained.base,
+            revision=trained.revision,
+            quantization=trained.quantization,
+            double_quant=trained.double_quant,
+            compute_dtype=trained.compute_dtype if known else "auto",
+            trust_remote_code=trained.trust_remote_code,
         )
-        if not base:
-            raise UserError(f"{target}: the adapter does not name its base model")
-        keys = ("quantization", "double_quant", "compute_dtype", "revision", "trust_remote_code")
-        spec = ModelSpec(base=base, **{k: meta[k] for k in keys if k in meta})
         return (
             _with_adapter(load_base(spec, device), target),
             AutoTokenizer.from_pretrained(target),

@@ -335,18 +335,10 @@ def run_merge(
     """`qalign merge RECIPE`: the last stage's adapter (or `stage`'s) into <output_dir>/merged/."""
     from qalign.data import read_rows, to_messages
     from qalign.recipe import MergeSpec
+    from qalign.runner import find_adapter
 
     spec = recipe.merge or MergeSpec()
-    stages = [stage] if stage else ["dpo", "sft"]
-    adapters = [
-        recipe.out / s / "adapter"
-        for s in stages
-        if (recipe.out / s / "adapter" / "adapter_config.json").exists()
-    ]
-    if not adapters:
-        which = f"the {stage} stage" if stage else "any stage"
-        raise UserError(f"{recipe.source}: no adapter from {which} in {recipe.out}; train first (qalign run)")
-    adapter = adapters[0]
+    adapter = find_adapter(recipe, stage)
     out = out or Path(spec.out or recipe.out / "merged")
     dtype, base_weights = dtype or spec.dtype, base_weights or spec.base_weights
     report_path = out / "merge_report.json"

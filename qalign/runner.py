@@ -223,6 +223,16 @@ def run_sft(
     return run.train(stage, model)
 
 
+def find_adapter(recipe: Recipe, stage: str | None, hint: str = "train first (qalign run)") -> Path:
+    """The adapter of `stage`, or of the last stage that has one (dpo, then sft)."""
+    for name in [stage] if stage else ["dpo", "sft"]:
+        adapter = recipe.out / name / "adapter"
+        if (adapter / "adapter_config.json").exists():
+            return adapter
+    which = f"the {stage} stage" if stage else "any stage"
+    raise UserError(f"{recipe.source}: no adapter from {which} in {recipe.out}; {hint}")
+
+
 def _finished(stage_dir: Path, total: int) -> bool:
     latest = CheckpointManager(stage_dir / "checkpoints").latest()
     return latest is not None and CheckpointManager.read_state(latest).get("step") == total
