@@ -38,7 +38,8 @@ def answers(model, tokenizer, prompts: list[str], stop: list[int]) -> list[str]:
     return out
 
 
-def main(recipe_path: str) -> None:
+def main(recipe_path: str, overrides: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Print the tables; return the rates by model and metric (for tests)."""
     import warnings
 
     import transformers
@@ -55,7 +56,7 @@ def main(recipe_path: str) -> None:
     from qalign.recipe import load_recipe
 
     console = Console()
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, overrides)
     heldout = recipe.source.parent / "data" / "demo_heldout.jsonl"
     prompts = [json.loads(line)["prompt"] for line in heldout.read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(recipe.out / "sft" / "adapter")
@@ -82,15 +83,17 @@ def main(recipe_path: str) -> None:
         "plain & correct (DPO's preference)",
     ):
         table.add_column(column, justify="right")
+    checks = {
+        "format": is_formatted,
+        "correct": is_correct,
+        "hedged": lambda p, r: is_hedged(r),
+        "preferred": is_preferred,
+    }
+    rates: dict[str, dict[str, float]] = {}
     for name, replies in results.items():
         pairs = list(zip(prompts, replies, strict=True))
-
-        def rate(check, pairs=pairs) -> str:
-            return f"{sum(check(p, r) for p, r in pairs) / len(pairs):.0%}"
-
-        table.add_row(
-            name, rate(is_formatted), rate(is_correct), rate(lambda p, r: is_hedged(r)), rate(is_preferred)
-        )
+        rates[name] = {key: sum(check(p, r) for p, r in pairs) / len(pairs) for key, check in checks.items()}
+        table.add_row(name, *(f"{rates[name][key]:.0%}" for key in checks))
     console.print(table)
 
     samples = Table(title="Sample answers")
@@ -100,7 +103,9 @@ def main(recipe_path: str) -> None:
     for i in (0, 7, 15):
         samples.add_row(prompts[i], *(repr(results[name][i]) for name in results))
     console.print(samples)
+    return rates
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "recipes/demo.yaml")
+    # python scripts/demo_report.py [RECIPE] [KEY=VALUE ...]: the same overrides as qalign's --set.
+    main(sys.argv[1] if len(sys.argv) > 1 else "recipes/demo.yaml", sys.argv[2:])
