@@ -7,6 +7,7 @@ parsed here (not by `datasets`) so that line numbers are exact; parquet, CSV and
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
             rows = list(_read_jsonl(path))
         elif suffix == ".json":
             rows = _read_json(path)
-        elif suffix in (".parquet", ".csv"):
-            rows = _read_with_datasets(suffix[1:], str(path), data_files=str(path))
+        elif suffix == ".csv":
+            rows = _read_csv(path)
+        elif suffix == ".parquet":
+            rows = _read_with_datasets("parquet", str(path), data_files=str(path))
         else:
             raise UserError(
                 f"{path}: unsupported data file type '{suffix}'; use .jsonl, .json, .parquet or .csv"
@@ -74,7 +77,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig: editors on Windows start the file with a byte-order mark.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise UserError(
                     f"{where}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8"
@@ -92,7 +96,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -106,6 +110,26 @@ def _read_json(path: Path) -> list[Row]:
             raise UserError(f"{where}: each item must be a JSON object, got {type(item).__name__}")
         rows.append(Row(where, item))
     return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    # The stdlib reader keeps every cell a string: a type-inferring reader turns an answer "02" into 2.
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = []
+            for data in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in data:
+                    raise UserError(
+                        f"{where}: more cells than the header has columns; quote cells with commas"
+                    )
+                rows.append(Row(where, {k: v for k, v in data.items() if v is not None}))
+            return rows
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: malformed CSV: {exc}") from None
 
 
 def _read_with_datasets(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,7 +200,11 @@ def parse_recipe(text: str, path: Path, overrides: list[str]) -> Recipe:
     except ValidationError as exc:
         raise UserError(_explain(exc, path, root, overridden)) from None
     recipe._source = path.resolve()
-    _resolve_paths(recipe, path.resolve().parent)
+
+    def locate(key: str) -> str:
+        return _where(path, root, key.split("."), overridden)
+
+    _resolve_paths(recipe, path.resolve().parent, locate)
     return recipe
 
 
@@ -225,27 +230,32 @@ def _apply_override(raw: dict, item: str) -> str:
     return key
 
 
-def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
+def _resolve_paths(recipe: Recipe, base_dir: Path, locate: Callable[[str], str]) -> None:
+    """Make paths absolute; a missing file is blamed on the line (or the --set) that named it."""
     recipe.output_dir = str(_local(recipe.output_dir or f"runs/{recipe.name}", base_dir))
-    recipe.model.base = _model_or_path(recipe.model.base, base_dir, "model.base", recipe)
+    recipe.model.base = _model_or_path(recipe.model.base, base_dir, "model.base", locate)
     if recipe.model.chat_template is not None:
         template = _local(recipe.model.chat_template, base_dir)
         if not template.is_file():
-            raise UserError(f"{recipe.source}: model.chat_template: file {template} not found")
+            raise UserError(
+                f"{locate('model.chat_template')}: model.chat_template: file {template} not found"
+            )
         recipe.model.chat_template = str(template)
     for name in ("sft", "dpo"):
         stage = getattr(recipe, name)
         if stage is None:
             continue
-        stage.data.train = _data_or_path(stage.data.train, base_dir, f"{name}.data.train", recipe)
+        stage.data.train = _data_or_path(stage.data.train, base_dir, f"{name}.data.train", locate)
         if stage.data.eval is not None:
-            stage.data.eval = _data_or_path(stage.data.eval, base_dir, f"{name}.data.eval", recipe)
+            stage.data.eval = _data_or_path(stage.data.eval, base_dir, f"{name}.data.eval", locate)
     if recipe.merge is not None and recipe.merge.out is not None:
         recipe.merge.out = str(_local(recipe.merge.out, base_dir))
     if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
         adapter = _local(recipe.dpo.init_adapter, base_dir)
         if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{recipe.source}: dpo.init_adapter: {adapter} is not an adapter folder")
+            raise UserError(
+                f"{locate('dpo.init_adapter')}: dpo.init_adapter: {adapter} is not an adapter folder"
+            )
         recipe.dpo.init_adapter = str(adapter)
 
 
@@ -258,25 +268,25 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
 
 
-def _model_or_path(value: str, base_dir: Path, key: str, recipe: Recipe) -> str:
+def _model_or_path(value: str, base_dir: Path, key: str, locate: Callable[[str], str]) -> str:
     """A local folder when one exists (or the value can only be a path); otherwise a hub id."""
     local = _local(value, base_dir)
     if local.exists():
         return str(local)
     if _looks_like_path(value):
-        raise UserError(f"{recipe.source}: {key}: folder {local} not found (a hub id looks like org/name)")
+        raise UserError(f"{locate(key)}: {key}: folder {local} not found (a hub id looks like org/name)")
     return value
 
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def _data_or_path(value: str, base_dir: Path, key: str, recipe: Recipe) -> str:
+def _data_or_path(value: str, base_dir: Path, key: str, locate: Callable[[str], str]) -> str:
     local = _local(value, base_dir)
     if local.exists():
         return str(local)
     if _looks_like_path(value) or value.lower().endswith(_DATA_SUFFIXES):
-        raise UserError(f"{recipe.source}: {key}: file {local} not found")
+        raise UserError(f"{locate(key)}: {key}: file {local} not found")
     return value
 
 
@@ -370,10 +380,14 @@ def _did_you_mean(loc: list[str]) -> str:
     parent, leaf = ".".join(loc[:-1]), loc[-1]
     leaf = ALIASES.get(leaf, leaf)
     siblings = [p.rsplit(".", 1)[-1] for p in known if p.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+    prefix = parent + "." if parent else ""
+    if leaf in siblings:  # a peer tool's name for one of our keys
+        return f"; did you mean '{prefix}{leaf}'?"
+    # An exact name in another section beats a fuzzy one here: top-level 'lr' means 'sft.lr', not 'lora'.
     elsewhere = [p for p in known if p.rsplit(".", 1)[-1] == leaf]
     if elsewhere:
         return f"; did you mean '{elsewhere[0]}'?"
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
     return f"; known keys here: {', '.join(siblings)}" if siblings else ""
