@@ -5,22 +5,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
 
 from qalign.errors import UserError
 
+if TYPE_CHECKING:
+    from qalign.recipe import ModelSpec
+
 
 def load_target(target: Path, stage: str | None, overrides: list[str] | None, warn: Callable[[str], None]):
     """(model, tokenizer, description) for a recipe (+ stage), a merged model folder or an adapter folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from qalign.model import compute_dtype, load_base, load_tokenizer, pick_device
     from qalign.recipe import ModelSpec, load_recipe
     from qalign.runner import find_adapter
 
     device = pick_device()
+    if not target.exists():
+        raise UserError(f"{target}: no such file or folder")
     if target.is_file() and target.suffix in (".yaml", ".yml"):
         recipe = load_recipe(target, overrides)
         if stage == "base":
@@ -32,16 +38,15 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
         adapter = find_adapter(recipe, stage, "train first (qalign run), or use --stage base")
         return (
             _with_adapter(load_base(recipe.model, device), adapter),
-            AutoTokenizer.from_pretrained(adapter),
+            _tokenizer(adapter, warn, recipe.model),
             str(adapter),
         )
     if (target / "adapter_config.json").is_file():
         from qalign.merge import TrainedAs
 
         trained = TrainedAs.from_adapter(target)
-        known = (
-            target / "qalign.json"
-        ).exists()  # else the dtype training used is unknown: let the device pick
+        # Without qalign.json the dtype training used is unknown: let the device pick.
+        known = (target / "qalign.json").exists()
         spec = ModelSpec(
             base=trained.base,
             revision=trained.revision,
@@ -50,18 +55,18 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
             compute_dtype=trained.compute_dtype if known else "auto",
             trust_remote_code=trained.trust_remote_code,
         )
-        return (
-            _with_adapter(load_base(spec, device), target),
-            AutoTokenizer.from_pretrained(target),
-            str(target),
-        )
+        try:
+            base = load_base(spec, device)
+        except UserError as exc:  # its message names model.base, a recipe key this user never wrote
+            raise UserError(f"{target} (adapter): {str(exc).removeprefix('model.base: ')}") from None
+        return _with_adapter(base, target), _tokenizer(target, warn, spec), str(target)
     if (target / "config.json").is_file():
         try:
             dtype = compute_dtype("auto", device)
             model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True).to(device)
-            return model, AutoTokenizer.from_pretrained(target), str(target)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{target}: cannot load the model: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # corrupt weights raise SafetensorError, unknown architectures KeyError...
+            raise UserError(f"{target}: cannot load the model: {_first_line(exc)}") from None
+        return model, _tokenizer(target, warn), str(target)
     raise UserError(
         f"{target}: not a recipe (.yaml), a model folder (config.json) or an adapter (adapter_config.json)"
     )
@@ -72,8 +77,43 @@ def _with_adapter(base: torch.nn.Module, adapter: Path) -> torch.nn.Module:
 
     try:
         return PeftModel.from_pretrained(base, str(adapter))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{adapter}: cannot load the adapter: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # an adapter for another base fails with a RuntimeError (size mismatch)
+        raise UserError(f"{adapter}: cannot load the adapter: {_first_line(exc)}") from None
+
+
+def _tokenizer(folder: Path, warn: Callable[[str], None], base: ModelSpec | None = None):
+    """The tokenizer saved beside the weights: it carries the chat template used in training."""
+    from transformers import AutoTokenizer
+
+    from qalign.chat_template import CHATML_TEMPLATE
+    from qalign.model import load_tokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        if base is None:
+            raise UserError(f"{folder}: cannot load the tokenizer: {_first_line(exc)}") from None
+        warn(f"{folder} holds no tokenizer; using the base's, whose chat template may differ from training")
+        return load_tokenizer(base, warn)
+    if not tokenizer.chat_template:
+        warn(f"{folder} has no chat template; using ChatML")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Cancelled:
+    """Ends generation once `event` is set: the worker thread cannot be interrupted any other way."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
 
 
 class ChatSession:
@@ -93,13 +133,17 @@ class ChatSession:
         self.history: list[dict] = []
         stops = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
         self.stop_ids = [t for t in dict.fromkeys(stops) if t is not None]
+        # A plain model folder may have no pad token; generate needs one only for its bookkeeping.
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.stop_ids or [0])[0]
 
     def reset(self) -> None:
         self.history = []
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the assistant's answer to `text`, piece by piece; the history keeps both turns."""
-        from transformers import TextIteratorStreamer, set_seed
+        """Stream the assistant's answer to `text`, piece by piece; the history keeps both turns. Closing the
+        iterator early stops generation and leaves the history as it was."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer, set_seed
 
         self.history.append({"role": "user", "content": text})
         inputs = self.tokenizer.apply_chat_template(
@@ -109,12 +153,14 @@ class ChatSession:
         if self.seed is not None:
             set_seed(self.seed)  # the same seed gives the same answer: scripts can rely on it
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        cancel = threading.Event()
         kwargs = {
             **inputs,
             "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
             "max_new_tokens": self.max_new_tokens,
             "eos_token_id": self.stop_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
+            "pad_token_id": self.pad_id,
             **(sampling if self.temperature > 0 else {"do_sample": False}),
         }
         errors: list[BaseException] = []
@@ -129,11 +175,17 @@ class ChatSession:
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
-        pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            yield piece
-        worker.join()
+        pieces, finished = [], False
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+            finished = True
+        finally:
+            cancel.set()
+            worker.join()
+            if errors or not finished:
+                self.history.pop()  # an unanswered turn would leave two user turns in a row
         if errors:
             raise errors[0]
         self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
@@ -157,9 +209,13 @@ def chat(
     session = ChatSession(model, tokenizer, temperature, top_p, max_new_tokens, seed)
 
     def answer(text: str) -> None:
-        for piece in session.reply(text):
-            console.file.write(piece)
-            console.file.flush()
+        pieces = session.reply(text)
+        try:
+            for piece in pieces:
+                console.file.write(piece)
+                console.file.flush()
+        finally:
+            pieces.close()  # on Ctrl-C mid-reply this stops the generating thread
         console.file.write("\n")
 
     if prompt is not None:
@@ -180,4 +236,7 @@ def chat(
             continue
         if text:
             console.file.write("assistant> ")
-            answer(text)
+            try:
+                answer(text)
+            except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+                console.print("\n(reply interrupted; the turn is dropped)")

@@ -58,7 +58,7 @@ def _quiet_libraries() -> None:
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
+def _user_errors(on_interrupt: str = "the last complete checkpoint is kept") -> Iterator[None]:
     from qalign.train import TrainingStopped
 
     try:
@@ -70,7 +70,7 @@ def _user_errors() -> Iterator[None]:
         err_console.print(f"[bold red]stopped:[/bold red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.code) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/bold red]: the last complete checkpoint is kept")
+        err_console.print(f"[bold red]interrupted[/bold red]: {on_interrupt}")
         raise typer.Exit(130) from None
 
 
@@ -199,7 +199,7 @@ def merge(
     from qalign.progress import Progress
     from qalign.recipe import load_recipe
 
-    with _user_errors():
+    with _user_errors("nothing was exported; an earlier export is untouched"):
         if dtype not in (None, "bf16", "fp16", "fp32"):
             raise UserError(f"--dtype {dtype}: expected bf16, fp16 or fp32")
         if base_weights not in (None, "nf4-roundtrip", "original"):
@@ -250,7 +250,7 @@ def validate(
     from qalign.progress import Progress
     from qalign.recipe import load_recipe
 
-    with _user_errors():
+    with _user_errors("nothing was changed"):
         loaded = load_recipe(recipe, set_)
         console.print(f"recipe {loaded.source}: ok")
         if stage is not None and stage not in STAGES:
@@ -294,7 +294,7 @@ def chat_command(
     set_: SetOpt = None,
 ) -> None:
     """Talk to a model from the terminal: streams tokens, keeps the history; /reset and /exit."""
-    with _user_errors():
+    with _user_errors("bye"):
         if stage not in (None, "base", *STAGES):
             raise UserError(f"--stage {stage}: expected sft, dpo or base")
         if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:

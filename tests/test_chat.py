@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 
 import pytest
 from conftest import write_recipe
@@ -76,3 +78,89 @@ def test_a_stage_without_an_adapter_or_a_stray_folder_is_a_user_error(trained, t
         chat(recipe, "dpo", "hi", 0.0, 1.0, 4, None, Console(file=io.StringIO()))
     with pytest.raises(UserError, match="not a recipe"):
         chat(tmp_path, None, "hi", 0.0, 1.0, 4, None, Console(file=io.StringIO()))
+
+
+def test_session_keeps_alternating_turns_and_an_abandoned_reply_leaves_no_trace(trained, tiny_model):
+    from qalign.chat import ChatSession, load_target
+
+    _, recipe = trained
+    model, tokenizer, _ = load_target(recipe, None, None, lambda m: None)
+    session = ChatSession(model, tokenizer, 0.0, 1.0, 5, None)
+    "".join(session.reply("What is 1 + 1?"))
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
+    "".join(session.reply("And 2 + 2?"))
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+
+    # The untrained tiny model never stops on its own when greedy, so only cancelling can end it early.
+    model, tokenizer, _ = load_target(tiny_model("llama"), None, None, lambda m: None)
+    session = ChatSession(model, tokenizer, 0.0, 1.0, 2000, None)
+    generate, lengths = model.generate, []
+    model.generate = lambda **kwargs: lengths.append(
+        generate(**kwargs).shape[1] - kwargs["input_ids"].shape[1]
+    )
+    pieces = session.reply("What is 3 + 3?")
+    next(pieces)
+    pieces.close()  # what Ctrl-C mid-reply does: generation stops, the unanswered turn is dropped
+    assert lengths and lengths[0] < 100 and session.history == []
+
+
+def test_ctrl_c_mid_reply_drops_the_turn_and_the_chat_goes_on(trained):
+    class InterruptFirstPiece(io.StringIO):
+        armed = False
+
+        def write(self, text: str) -> int:
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+            self.armed = text == "assistant> " and "interrupted" not in self.getvalue()
+            return super().write(text)
+
+    _, recipe = trained
+    typed = iter(["What is 1 + 1?", "What is 5 + 5?", "/exit"])
+    out = InterruptFirstPiece()
+    try:
+        session = chat(
+            recipe, None, None, 0.0, 1.0, 5, None, Console(file=out), input_fn=lambda p: next(typed)
+        )
+    except KeyboardInterrupt:  # escaping would abort the whole pytest session
+        pytest.fail("Ctrl-C during a reply ended the chat")
+    assert "reply interrupted" in out.getvalue()
+    assert [m["content"] for m in session.history][:1] == ["What is 5 + 5?"] and len(session.history) == 2
+
+
+def test_folders_missing_a_tokenizer_or_template_still_chat_with_a_warning(trained, tiny_model, tmp_path):
+    import shutil
+
+    folder, _ = trained
+    adapter = shutil.copytree(folder / "runs" / "tiny" / "sft" / "adapter", tmp_path / "bare-adapter")
+    for path in adapter.iterdir():
+        if path.name not in ("adapter_config.json", "adapter_model.safetensors", "qalign.json"):
+            path.unlink()
+    plain = shutil.copytree(tiny_model("llama"), tmp_path / "no-template")
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for path in plain.glob("chat_template.*"):
+        path.unlink()
+    for target, expected in ((adapter, "using the base's"), (plain, "using ChatML")):
+        warnings, out = [], io.StringIO()
+        chat(target, None, "hi", 0.0, 1.0, 4, None, Console(file=out), warn=warnings.append)
+        assert out.getvalue().strip() and any(expected in w for w in warnings), warnings
+
+
+def test_unloadable_targets_are_one_line_user_errors(trained, tiny_model, tmp_path):
+    import shutil
+
+    folder, _ = trained
+    corrupt = shutil.copytree(tiny_model("llama"), tmp_path / "corrupt")
+    next(corrupt.glob("*.safetensors")).write_bytes(b"not safetensors")
+    orphan = shutil.copytree(folder / "runs" / "tiny" / "sft" / "adapter", tmp_path / "orphan")
+    (orphan / "qalign.json").unlink(missing_ok=True)
+    config = json.loads((orphan / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
+    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    cases = [(corrupt, "cannot load the model"), (orphan, "orphan (adapter)"), (tmp_path / "nope", "no such")]
+    for target, expected in cases:
+        with pytest.raises(UserError, match=re.escape(expected)) as caught:
+            chat(target, None, "hi", 0.0, 1.0, 4, None, Console(file=io.StringIO()))
+        assert "\n" not in str(caught.value)
