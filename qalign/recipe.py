@@ -190,6 +190,7 @@ def parse_recipe(text: str, path: Path, overrides: list[str]) -> Recipe:
         ) from None
     if raw is None:
         raise UserError(f"{path}: the recipe is empty; see recipes/ for examples")
+    _reject_duplicate_keys(root, path)
     if not isinstance(raw, dict):
         raise UserError(
             f"{path}: the recipe must be a mapping of keys (name:, model:, ...), not {type(raw).__name__}"
@@ -206,6 +207,23 @@ def parse_recipe(text: str, path: Path, overrides: list[str]) -> Recipe:
 
     _resolve_paths(recipe, path.resolve().parent, locate)
     return recipe
+
+
+def _reject_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+    # YAML lets a later key silently replace an earlier one; in a recipe that hides an edit.
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in seen:
+                raise UserError(
+                    f"{path}:{line}: duplicate key '{prefix}{name}' (first set on line {seen[name]}); keep one"
+                )
+            seen[name] = line
+            _reject_duplicate_keys(value, path, f"{prefix}{name}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _reject_duplicate_keys(item, path, prefix)
 
 
 def _apply_override(raw: dict, item: str) -> str:

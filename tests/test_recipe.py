@@ -529,3 +529,13 @@ def test_to_yaml_round_trips_to_an_equal_recipe(tmp_path):
 def test_to_yaml_of_the_contract_round_trips(tmp_path):
     recipe = load_recipe(write(tmp_path, CONTRACT))
     assert parse_recipe(recipe.to_yaml(), recipe.source, []) == recipe
+
+
+def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path):
+    text = BLOCK.replace("  batch_size: 4", "  batch_size: 4\n  batch_size: 8")
+    path = write(tmp_path, text)
+    message = load_error(path)
+    first = line_of(text, "batch_size: 4")
+    assert message == (
+        f"{path}:{first + 1}: duplicate key 'sft.batch_size' (first set on line {first}); keep one"
+    )
