@@ -275,6 +275,87 @@ def validate(
         console.print("[green]data ok[/green]")
 
 
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="sft or dpo; default the recipe's first stage.")
+    ] = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu-memory", help="Memory to fit in, e.g. 8GiB, 8GB (read as GiB), 8000MiB or bytes."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout (messages go to stderr).")
+    ] = False,
+) -> None:
+    """Predict the peak memory of a training stage from the model's config and the data's lengths."""
+    import json
+
+    from qalign.memory import parse_size, plan_recipe
+    from qalign.progress import Progress
+    from qalign.recipe import load_recipe
+
+    with _user_errors("nothing was changed"):
+        limit = parse_size(gpu_memory) if gpu_memory is not None else None
+        loaded = load_recipe(recipe, set_)
+        if stage is not None and stage not in STAGES:
+            raise UserError(f"--stage {stage}: expected one of {', '.join(STAGES)}")
+        present = [name for name in STAGES if getattr(loaded, name) is not None and stage in (None, name)]
+        if not present:
+            raise UserError(f"{loaded.source}: no {stage or 'sft or dpo'} section to plan")
+        _quiet_libraries()
+        # With --json, stdout carries the object alone: the data report goes to stderr.
+        progress = Progress(err_console if as_json else console, err_console)
+        result, decided = plan_recipe(loaded, present[0], limit, progress)
+        if as_json:
+            sys.stdout.write(json.dumps(result.to_json()) + "\n")
+            return
+        _show_plan(result, decided)
+
+
+def _show_plan(result: object, decided: list[str]) -> None:
+    from rich.table import Table
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    table = Table(title=f"qalign plan: {result.stage} on {result.target}")
+    table.add_column("component")
+    table.add_column("bytes", justify="right")
+    for name, value in result.components.items():
+        table.add_row(name, size(value))
+        if name == "base_weights":
+            for part, part_value in result.base_detail.items():
+                table.add_row(f"  {part}", f"[dim]{size(part_value)}[/dim]")
+    table.add_row("[bold]total[/bold]", f"[bold]{size(result.total_bytes)}[/bold]")
+    console.print(table)
+    ckpt = result.activations_by_checkpointing
+    console.print(
+        f"activations + logits: {size(ckpt['on'])} with gradient checkpointing, {size(ckpt['off'])} without "
+        f"({'on' if result.gradient_checkpointing else 'off'} in this plan)"
+    )
+    for line in [*decided, *result.assumptions]:
+        console.print(f"[dim]{escape(line)}[/dim]")
+    if result.fits is None:
+        console.print("no memory size given (--gpu-memory 8GiB): not checked against one")
+    elif result.fits:
+        console.print(
+            f"[green]fits[/green] in {size(result.limit)} ({size(result.limit - result.total_bytes)} left)"
+        )
+    else:
+        console.print(f"[red]does not fit[/red] in {size(result.limit)}")
+        if result.suggestions:
+            overrides = " ".join(f"--set {item}" for item in result.suggestions)
+            note = f" ({result.suggestion_note})" if result.suggestion_note else ""
+            console.print(f"smallest change that fits{escape(note)}: {escape(overrides)}")
+        else:
+            console.print(escape(result.suggestion_note))
+
+
 @app.command("chat")
 def chat_command(
     target: Annotated[

@@ -10,10 +10,11 @@ import difflib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from qalign.errors import UserError
 
@@ -68,6 +69,10 @@ class DataSpec(_Section):
     eval_split: str = "test"
 
 
+_POSITIVE_INT = TypeAdapter(Annotated[int, Field(gt=0)])
+_BOOL = TypeAdapter(bool)
+
+
 class TrainSpec(_Section):
     """Settings shared by every training stage."""
 
@@ -79,8 +84,9 @@ class TrainSpec(_Section):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides epochs when set."""
-    batch_size: int = Field(4, gt=0)
-    """Examples per micro-batch."""
+    batch_size: int | Literal["auto"] = 4
+    """Examples per micro-batch; auto: the largest power of two (up to 64 on a GPU, 8 on a CPU) that the memory
+    planner fits in the free memory at start."""
     grad_accum: int = Field(1, gt=0)
     """Micro-batches per optimizer step: the effective batch is batch_size * grad_accum."""
     lr: float = Field(2.0e-4, gt=0, allow_inf_nan=False)
@@ -89,8 +95,22 @@ class TrainSpec(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, allow_inf_nan=False)
     max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False)
     """Gradient clipping; 0 turns it off."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: much less memory for about a third more compute."""
+    gradient_checkpointing: bool | Literal["auto"] = True
+    """Recompute activations in the backward pass: much less memory for about a third more compute; auto: off
+    when the memory planner fits the run without it in the free memory at start."""
+
+    @field_validator("batch_size", "gradient_checkpointing", mode="wrap")
+    @classmethod
+    def _auto_or_value(cls, value: Any, handler: Any, info: Any) -> Any:
+        # "auto" or the plain type, with the plain type's own error (not a two-branch union error).
+        if value == "auto":
+            return "auto"
+        plain = _POSITIVE_INT if info.field_name == "batch_size" else _BOOL
+        try:
+            return plain.validate_python(value)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise PydanticCustomError(error["type"], error["msg"].replace("{", "(").replace("}", ")")) from None
     save_every: int = Field(200, ge=0)
     """Checkpoint every N optimizer steps; 0 = only at the end."""
     save_total_limit: int = Field(2, ge=0)

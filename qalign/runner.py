@@ -138,7 +138,59 @@ class StageRun:
             f"{self.adapter_dir} already holds a finished adapter; pass --overwrite to replace it"
         )
 
+    def plan_memory(self, examples: list) -> None:
+        """Resolve `auto` memory settings against the free memory, and print the plan's total. On resume, an
+        `auto` takes the value the checkpoint was trained with, so the run continues exactly as it started."""
+        from qalign import memory
+
+        device = pick_device()
+        spec, earlier = self.spec, self._checkpointed_section()
+        self.plan_total: int | None = None
+        try:
+            config, source = memory.load_config(self.recipe.model)
+            arch = memory.describe(config, self.recipe.model, source)
+        except (UserError, ValueError, ImportError) as exc:
+            # Training can still go ahead without a plan; `auto` then takes the schema's defaults.
+            self.progress.warn(f"no memory plan: {exc}")
+            if spec.gradient_checkpointing == "auto":
+                spec.gradient_checkpointing = earlier.get("gradient_checkpointing", True)
+            if spec.batch_size == "auto":
+                spec.batch_size = earlier.get("batch_size", 4)
+            return
+        lengths = memory.lengths_of(examples, self.name)
+        if device.type == "cuda":
+            # mem_get_info creates the CUDA context, so what it reports free is already net of it.
+            free = torch.cuda.mem_get_info()[0] + memory.CUDA_CONTEXT
+        else:
+            free = memory.available_ram()
+        resolved = memory.resolve_auto(arch, self.recipe, self.name, lengths, device.type, free, earlier)
+        plan = memory.estimate(arch, self.recipe, self.name, lengths, device.type, free)
+        self.plan_total = plan.total_bytes
+        where = "free GPU memory" if device.type == "cuda" else "available RAM"
+        if resolved:
+            self.progress.info(f"{'; '.join(resolved)} (memory planner, {free / 2**30:.1f} GiB {where})")
+        self.progress.info(
+            f"plan: {plan.total_bytes / 2**30:.2f} GiB predicted for {device.type} "
+            f"({where}: {free / 2**30:.1f} GiB; qalign plan shows the breakdown)"
+        )
+        if plan.fits is False:
+            self.progress.warn(
+                f"the plan ({plan.total_bytes / 2**30:.2f} GiB) exceeds the {where} ({free / 2**30:.1f} GiB); "
+                f"run qalign plan {self.recipe.source} --stage {self.name} for overrides that fit"
+            )
+
+    def _checkpointed_section(self) -> dict:
+        """This stage's settings as the latest checkpoint recorded them (empty when starting fresh)."""
+        if not self.resume:
+            return {}
+        latest = CheckpointManager(self.dir / "checkpoints").latest()
+        if latest is None:
+            return {}
+        return CheckpointManager.read_state(latest).get("identity", {}).get(self.name, {})
+
     def load_model(self, init_adapter: Path | None = None) -> torch.nn.Module:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         # Seeded before the adapter exists: LoRA's initial weights come from the global RNG.
         set_seed(self.recipe.seed)
         self.device = pick_device()
@@ -191,9 +243,35 @@ class StageRun:
             "trust_remote_code": self.recipe.model.trust_remote_code,
         }
         trainer.save_adapter(self.adapter_dir, overwrite=True, metadata=metadata)
-        trainer.log_final({"adapter": str(self.adapter_dir)})
+        peak, kind = measured_peak()
+        trainer.log_final(
+            {
+                "adapter": str(self.adapter_dir),
+                "plan_total_bytes": getattr(self, "plan_total", None),
+                "peak_memory_bytes": peak,
+                "peak_memory_kind": kind,
+            }
+        )
+        what = (
+            "CUDA memory allocated by tensors"
+            if kind == "cuda_max_allocated"
+            else "peak RSS of the whole process (Python and libraries included; the plan counts tensors)"
+        )
+        planned = getattr(self, "plan_total", None)
+        versus = f" (plan: {planned / 2**30:.2f} GiB)" if planned else ""
+        self.progress.info(f"measured peak: {peak / 2**30:.2f} GiB, {what}{versus}")
         self.progress.info(f"adapter saved to {self.adapter_dir}")
         return self.adapter_dir
+
+
+def measured_peak() -> tuple[int, str]:
+    """(bytes, kind): the CUDA allocator's peak on a GPU; on a CPU the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+
+    # Linux reports ru_maxrss in KiB.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
 
 
 def run_sft(
@@ -206,6 +284,7 @@ def run_sft(
     """`qalign sft`: returns the adapter folder."""
     run = StageRun(recipe, "sft", progress, resume, overwrite, force_resume)
     train, evals = load_stage_data(recipe, "sft", run.tokenizer, progress)
+    run.plan_memory(train)
     if run.already_done(len(train)):
         return run.adapter_dir
     model = run.load_model()
@@ -262,6 +341,7 @@ def run_dpo(
     run = StageRun(recipe, "dpo", progress, resume, overwrite, force_resume)
     spec = run.spec
     train, evals = load_stage_data(recipe, "dpo", run.tokenizer, progress)
+    run.plan_memory(train)
     if run.already_done(len(train)):
         return run.adapter_dir
     init = starting_adapter(recipe)

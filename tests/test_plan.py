@@ -1,0 +1,173 @@
+"""The memory planner: exact parameter parts, predicted vs measured peaks, `qalign plan`, and `auto` settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_recipe
+from test_cli_sft import metrics, qalign
+
+from qalign import memory
+from qalign.errors import UserError
+from qalign.model import attach_lora, footprint_bytes, load_base
+from qalign.recipe import LoraSpec, ModelSpec, load_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import plan_accuracy
+
+
+def planned(recipe, stage: str = "sft", target: str = "cpu", limit: int | None = None) -> memory.Plan:
+    config, source = memory.load_config(recipe.model)
+    arch = memory.describe(config, recipe.model, source)
+    return memory.estimate(arch, recipe, stage, memory.Lengths(longest=32, longest_trained=20), target, limit)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_parameter_parts_equal_the_real_tensors(tiny_model, tmp_path, arch, double_quant):
+    path = write_recipe(tmp_path, tiny_model(arch))
+    recipe = load_recipe(path, [f"model.double_quant={str(double_quant).lower()}"])
+    plan = planned(recipe)
+    base = load_base(ModelSpec(base=str(tiny_model(arch)), double_quant=double_quant), torch.device("cpu"))
+    assert plan.components["base_weights"] == footprint_bytes(base)
+    model = attach_lora(base, LoraSpec(r=8), gradient_checkpointing=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert plan.components["lora_weights"] == sum(p.numel() * p.element_size() for p in trainable)
+    assert plan.components["lora_gradients"] == plan.components["lora_weights"]
+    # AdamW: two fp32 moments per value and an fp32 step counter per tensor.
+    assert plan.components["optimizer_states"] == 2 * plan.components["lora_weights"] + 4 * len(trainable)
+
+
+def test_quantized_storage_of_one_layer_by_hand():
+    # 64 x 128 weights: 4096 bytes packed, 128 blocks of 64.
+    assert memory.quantized_bytes(64 * 128, double_quant=False) == (4096, 128 * 4 + 64)
+    # Double quant: uint8 absmax (128) + fp32 offset (4) + one fp32 absmax per 256 blocks (4) + both codes.
+    assert memory.quantized_bytes(64 * 128, double_quant=True) == (4096, 128 + 4 + 4 + 64 + 1024)
+
+
+@pytest.mark.parametrize(
+    "case", plan_accuracy.FAST_CASES, ids=lambda c: f"{c.name}-{c.stage}-ckpt{c.checkpointing}"
+)
+def test_predicted_peak_is_within_15_percent_of_the_measured_one(tmp_path, case):
+    model = plan_accuracy.build_model(case, tmp_path / "model")
+    recipe = plan_accuracy.recipe_for(case, model, tmp_path / "run")
+    predicted, measured = plan_accuracy.predict(case, recipe), plan_accuracy.measure(case, recipe)
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_checkpointing_and_dpo_change_the_plan_as_they_should(tiny_model, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model("llama")))
+    plan = planned(recipe)
+    assert plan.activations_by_checkpointing["on"] < plan.activations_by_checkpointing["off"]
+    assert "cuda_context" not in plan.components
+    gpu = planned(recipe, target="cuda", limit=8 * memory.GiB)
+    assert gpu.components["cuda_context"] == memory.CUDA_CONTEXT and gpu.fits is True
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8GiB", 8 * 2**30),
+        ("8GB", 8 * 2**30),
+        ("8000MiB", 8000 * 2**20),
+        ("123456", 123456),
+        ("1.5g", 3 * 2**29),
+    ],
+)
+def test_memory_sizes(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "8 GiBs", "-1GB", "0"])
+def test_bad_memory_sizes_are_user_errors(text):
+    with pytest.raises(UserError, match="--gpu-memory"):
+        memory.parse_size(text)
+
+
+def test_builtin_table_covers_the_shipped_recipes():
+    from qalign.architectures import known_config
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml")):
+        base = yaml.safe_load(path.read_text())["model"]["base"]
+        if "/" in base and not base.startswith("."):
+            assert known_config(base) is not None, base
+
+
+def test_plan_json_on_a_tiny_model(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model("llama"))
+    done = qalign("plan", str(recipe), "--json", "--gpu-memory", "1GiB", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # the whole of stdout is one object
+    assert isinstance(result["total_bytes"], int) and result["fits"] is True
+    assert result["total_bytes"] == sum(result["components"].values())
+    assert {"base_weights", "lora_weights", "activations", "logits", "cuda_context"} <= set(
+        result["components"]
+    )
+    assert result["suggestions"] == []
+    assert 0 < result["sequence_length"] <= 64  # the longest example, not max_length
+
+    needed = result["total_bytes"]
+    tight = qalign("plan", str(recipe), "--json", "--gpu-memory", str(needed - 1), cwd=tmp_path)
+    result = json.loads(tight.stdout)
+    assert result["fits"] is False
+    assert result["suggestions"] and all("=" in s and not s.startswith("--") for s in result["suggestions"])
+
+    free = qalign("plan", str(recipe), "--json", cwd=tmp_path)
+    assert json.loads(free.stdout)["fits"] is None
+
+
+def test_plan_rejects_a_bad_memory_size(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model("llama"))
+    done = qalign("plan", str(recipe), "--gpu-memory", "plenty", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--gpu-memory plenty" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_records_its_plan_and_measured_peak_and_auto_resolves_once(tiny_model, tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model("llama"),
+        max_steps=2,
+        eval_every=0,
+        gradient_checkpointing="auto",
+        batch_size="auto",
+    )
+    done = qalign("sft", str(recipe), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "plan:" in done.stdout and "measured peak:" in done.stdout
+    run = tmp_path / "runs" / "tiny"
+    final = metrics(run)[-1]
+    assert final["final"] is True and final["plan_total_bytes"] > 0
+    assert final["peak_memory_bytes"] > 0 and final["peak_memory_kind"] == "cpu_peak_rss"
+    saved = yaml.safe_load((run / "sft" / "recipe.yaml").read_text())["sft"]
+    # A tiny model fits anywhere: no checkpointing, the CPU cap of 8.
+    assert (saved["gradient_checkpointing"], saved["batch_size"]) == (False, 8)
+    # Running again resumes (here: finds the run complete) with the values the checkpoint was trained with.
+    again = qalign("sft", str(recipe), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stdout
+
+
+def test_auto_takes_the_checkpointed_values_over_a_fresh_decision(tiny_model, tmp_path):
+    path = write_recipe(tmp_path, tiny_model("llama"), gradient_checkpointing="auto", batch_size="auto")
+    config, source = memory.load_config(load_recipe(path).model)
+    lengths = memory.Lengths(longest=32, longest_trained=20)
+
+    def resolved(limit: int, earlier: dict | None = None) -> tuple:
+        recipe = load_recipe(path)
+        arch = memory.describe(config, recipe.model, source)
+        memory.resolve_auto(arch, recipe, "sft", lengths, "cpu", limit, earlier)
+        return recipe.sft.gradient_checkpointing, recipe.sft.batch_size
+
+    assert resolved(2**40) == (False, 8)
+    recipe = load_recipe(path)
+    arch = memory.describe(config, recipe.model, source)
+    without = memory.estimate(arch, recipe, "sft", lengths, "cpu", batch_size=1, gradient_checkpointing=False)
+    small = resolved(without.total_bytes - 1)
+    assert small[0] is True and small[1] < 8
+    assert resolved(without.total_bytes - 1, {"gradient_checkpointing": False, "batch_size": 8}) == (False, 8)
