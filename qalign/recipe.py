@@ -110,7 +110,10 @@ class TrainSpec(_Section):
             return plain.validate_python(value)
         except ValidationError as exc:
             error = exc.errors()[0]
-            raise PydanticCustomError(error["type"], error["msg"].replace("{", "(").replace("}", ")")) from None
+            raise PydanticCustomError(
+                error["type"], error["msg"].replace("{", "(").replace("}", ")")
+            ) from None
+
     save_every: int = Field(200, ge=0)
     """Checkpoint every N optimizer steps; 0 = only at the end."""
     save_total_limit: int = Field(2, ge=0)
