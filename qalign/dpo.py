@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from qalign.chat_template import IGNORE, render_conversation
 from qalign.data import DataReport, Row, check_turns, pad, to_messages
 from qalign.errors import UserError
-from qalign.logprobs import label_logprobs
+from qalign.logprobs import gathered_logprobs, label_logprobs
 from qalign.losses import dpo_loss
 from qalign.recipe import DpoSpec
 
@@ -132,28 +132,118 @@ def prepare_dpo(
     return examples, report
 
 
+def shared_prefix(example: DpoExample) -> int:
+    """Leading tokens chosen and rejected have in common and neither trains on: computed once for both."""
+    shared = 0
+    limit = min(len(example.chosen_ids), len(example.rejected_ids))
+    while shared < limit and example.chosen_ids[shared] == example.rejected_ids[shared]:
+        shared += 1
+    for labels in (example.chosen_labels, example.rejected_labels):
+        shared = min(shared, next((i for i, label in enumerate(labels) if label != IGNORE), len(labels)))
+    return shared
+
+
 def collate_dpo(examples: list[DpoExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows stacked over rejected rows, so one forward pass serves both."""
-    ids = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
-    labels = [e.chosen_labels for e in examples] + [e.rejected_labels for e in examples]
+    """One row per pair: the shared prompt once, then the chosen response, then the rejected one, which attends
+    to the prompt but not to the chosen response (see pair_attention). One forward pass serves both sides, and
+    the prompt is computed once instead of twice.
+
+    `segments` holds each row's (shared prefix, chosen length, rejected length); position ids restart after
+    the prompt for the rejected response, so every token sees the positions it would in its own sequence."""
+    ids, labels, positions, segments = [], [], [], []
+    for e in examples:
+        shared = shared_prefix(e)
+        ids.append(e.chosen_ids + e.rejected_ids[shared:])
+        # A row's first token has nothing before it to predict it from, on either side.
+        rejected_labels = e.rejected_labels[shared:]
+        if shared == 0:
+            rejected_labels = [IGNORE, *rejected_labels[1:]]
+        labels.append([IGNORE, *e.chosen_labels[1:], *rejected_labels])
+        positions.append(list(range(len(e.chosen_ids))) + list(range(shared, len(e.rejected_ids))))
+        segments.append([shared, len(e.chosen_ids), len(e.rejected_ids)])
     batch = {
         "input_ids": torch.tensor(pad(ids, pad_id)),
         "attention_mask": torch.tensor(pad([[1] * len(i) for i in ids], 0)),
         "labels": torch.tensor(pad(labels, IGNORE)),
+        "position_ids": torch.tensor(pad(positions, 0)),
+        "segments": torch.tensor(segments),
     }
     if all(e.reference is not None for e in examples):
         batch["reference"] = torch.tensor([e.reference for e in examples], dtype=torch.float64)
     return batch
 
 
+def pair_attention(segments: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask for collate_dpo's rows: causal, except that rejected tokens do not see the
+    chosen response. Padding is never a key (a padding query sees itself, so no softmax row is empty)."""
+    index = torch.arange(length, device=segments.device)
+    query, key = index.view(1, -1, 1), index.view(1, 1, -1)
+    shared, chosen_end = segments[:, 0].view(-1, 1, 1), segments[:, 1].view(-1, 1, 1)
+    end = (segments[:, 1] + segments[:, 2] - segments[:, 0]).view(-1, 1, 1)
+    chosen_key = (key >= shared) & (key < chosen_end)
+    allowed = (key <= query) & ~((query >= chosen_end) & chosen_key) & ((key < end) | (key == query))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def takes_pair_rows(config: object, length: int) -> bool:
+    """Whether the model can run collate_dpo's rows: they need an attention that honours a custom mask over the
+    whole row (sdpa or eager; not flash-attention, and no sliding window shorter than the row)."""
+    window = getattr(config, "sliding_window", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and (
+        window is None or window >= length
+    )
+
+
+def split_pair_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """collate_dpo's rows as separate chosen and rejected rows (chosen rows first), for models that cannot take
+    pair_attention."""
+    ids, labels = [], []
+    for row_ids, row_labels, (shared, chosen, rejected) in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["segments"].tolist(), strict=True
+    ):
+        end = chosen + rejected - shared
+        ids.append((row_ids[:chosen], row_ids[:shared] + row_ids[chosen:end]))
+        labels.append((row_labels[:chosen], [IGNORE] * shared + row_labels[chosen:end]))
+    rows = [side[0] for side in ids] + [side[1] for side in ids]
+    device = batch["input_ids"].device
+    return {
+        "input_ids": torch.tensor(pad(rows, 0), device=device),
+        "attention_mask": torch.tensor(pad([[1] * len(r) for r in rows], 0), device=device),
+        "labels": torch.tensor(pad([s[0] for s in labels] + [s[1] for s in labels], IGNORE), device=device),
+    }
+
+
 def sequence_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs of each row's response [2B], response lengths [2B])."""
-    logps, rows = label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    n = batch["input_ids"].shape[0]
-    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    counts = torch.zeros(n, dtype=torch.long, device=logps.device).index_add(0, rows, torch.ones_like(rows))
+    """(summed log-probs of each response [2B]: chosen then rejected, response lengths [2B])."""
+    pairs, length = batch["input_ids"].shape
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if takes_pair_rows(base.config, length):
+        labels, segments = batch["labels"], batch["segments"]
+        keep = labels != IGNORE
+        row, column = keep.nonzero(as_tuple=True)
+        chosen_end = segments[row, 1]
+        # Each token is predicted by the one before it, except the first rejected token after the prompt.
+        source = torch.where(column == chosen_end, segments[row, 0], column) - 1
+        rows = torch.where(column < chosen_end, row, row + pairs)
+        dtype = base.get_input_embeddings().weight.dtype
+        logps = gathered_logprobs(
+            model,
+            batch["input_ids"],
+            pair_attention(segments, length, dtype),
+            batch["position_ids"],
+            row * length + source,
+            labels[keep],
+        )
+    else:
+        split = split_pair_rows(batch)
+        logps, rows = label_logprobs(model, split["input_ids"], split["attention_mask"], split["labels"])
+    sums = torch.zeros(2 * pairs, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    counts = torch.zeros(2 * pairs, dtype=torch.long, device=logps.device).index_add(
+        0, rows, torch.ones_like(rows)
+    )
     return sums, counts
 
 
@@ -182,7 +272,7 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
     """The stage's step loss: this micro-batch's share of the step's mean loss and metrics."""
 
     def step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) -> tuple[torch.Tensor, dict]:
-        half = batch["input_ids"].shape[0] // 2
+        half = batch["input_ids"].shape[0]
         if "reference" in batch:
             cached = batch["reference"]
             reference = torch.cat([cached[:, 0], cached[:, 1]]).float()

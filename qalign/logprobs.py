@@ -30,6 +30,24 @@ def label_logprobs(
     return selective_logprobs(base, hidden[:, :-1][keep], targets[keep]), rows
 
 
+def gathered_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """log p(targets[i]) [N] in fp32, each predicted by the hidden state at flat position sources[i] of the
+    [batch * length] tokens: for layouts where the predicting token is not simply the previous one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    return selective_logprobs(base, hidden.flatten(0, 1)[sources], targets)
+
+
 def selective_logprobs(base: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(head(hidden))[target] for [N, H] hidden states, chunked over N."""
     head = base.get_output_embeddings()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def compute_reference(
     was_training = model.training
     model.eval()
     out = torch.zeros(len(examples), 4, dtype=torch.float64)
-    with progress.bar(f"reference {label}", len(examples), 0) as bar:
+    skip = model.disable_adapter() if adds_nothing(model) else nullcontext()
+    with skip, progress.bar(f"reference {label}", len(examples), 0) as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items() if k != "reference"}
@@ -61,6 +63,13 @@ def compute_reference(
             bar.update(start + half, {})
     model.train(was_training)
     return out
+
+
+def adds_nothing(model: torch.nn.Module) -> bool:
+    """A fresh LoRA adapter starts with every B matrix zero, so the base alone computes exactly the same
+    log-probs, without the adapter's matmuls."""
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    return bool(lora_b) and hasattr(model, "disable_adapter") and not any(bool(p.any()) for p in lora_b)
 
 
 def attach_reference(

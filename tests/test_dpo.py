@@ -14,14 +14,17 @@ from test_cli_sft import qalign
 from qalign.chat_template import IGNORE
 from qalign.data import Row
 from qalign.dpo import (
+    DpoExample,
     collate_dpo,
     make_dpo_step,
     prepare_dpo,
     reference_logprobs,
     sequence_logprobs,
+    split_pair_rows,
     split_preference,
 )
 from qalign.errors import UserError
+from qalign.logprobs import label_logprobs
 from qalign.model import attach_lora, load_base
 from qalign.progress import Progress
 from qalign.recipe import DpoSpec, LoraSpec, ModelSpec
@@ -125,15 +128,55 @@ def test_only_the_final_reply_is_trained_and_overlong_pairs_are_counted(tokenize
     assert tokenizer.decode(example.prompt_ids).endswith("<|im_start|>assistant\n")
 
 
-def test_collate_stacks_chosen_over_rejected(tokenizer):
+def test_collate_puts_each_pair_in_one_row(tokenizer):
     rows = [row({"prompt": f"Q{i}", "chosen": "yes" * (i + 1), "rejected": "no"}) for i in range(3)]
     examples, _ = prepare_dpo(rows, tokenizer, 128, "drop", "p")
     batch = collate_dpo(examples, tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 6
+    assert batch["input_ids"].shape[0] == 3
     for i, example in enumerate(examples):
-        assert batch["input_ids"][i, : len(example.chosen_ids)].tolist() == example.chosen_ids
-        assert batch["input_ids"][3 + i, : len(example.rejected_ids)].tolist() == example.rejected_ids
+        shared, chosen, rejected = batch["segments"][i].tolist()
+        # The prompt once, then both responses; the rejected one's positions continue from the prompt.
+        assert example.chosen_ids[:shared] == example.rejected_ids[:shared] == example.prompt_ids
+        end = chosen + rejected - shared
+        assert batch["input_ids"][i, :end].tolist() == example.chosen_ids + example.rejected_ids[shared:]
+        assert batch["position_ids"][i, chosen:end].tolist() == list(range(shared, rejected))
+    split = split_pair_rows(batch)
+    for i, example in enumerate(examples):
+        assert split["input_ids"][i, : len(example.chosen_ids)].tolist() == example.chosen_ids
+        assert split["input_ids"][3 + i, : len(example.rejected_ids)].tolist() == example.rejected_ids
     assert "reference" not in batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_pair_rows_score_as_separate_sequences(tiny_model, arch):
+    """The shared-prompt rows give the log-probs that separate chosen and rejected sequences give, including
+    responses that start with the same (trained) token, which must not be shared."""
+    ignore = [IGNORE] * 4
+
+    def pair(prompt, chosen, rejected):
+        return DpoExample(
+            prompt + chosen,
+            ignore[: len(prompt)] + chosen,
+            prompt + rejected,
+            ignore[: len(prompt)] + rejected,
+            "x",
+            prompt,
+        )
+
+    examples = [pair([2, 5, 6, 7], [10, 11, 12], [13, 14]), pair([2, 8, 9], [20, 21], [20, 22, 23, 24])]
+    model = attach_lora(
+        load_base(ModelSpec(base=str(tiny_model(arch))), torch.device("cpu")), LoraSpec(dropout=0.0), False
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter, so the adapter's path is checked too
+            torch.nn.init.normal_(param, std=0.5)
+    batch = collate_dpo(examples, 1)
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(model, batch)
+        split = split_pair_rows(batch)
+        logps, rows = label_logprobs(model, split["input_ids"], split["attention_mask"], split["labels"])
+    assert counts.tolist() == [3, 2, 2, 4]
+    torch.testing.assert_close(sums, torch.zeros(4).index_add(0, rows, logps), atol=1e-5, rtol=1e-5)
 
 
 # -- the reference and step 0, on a real 4-bit model ----------------------------------------------------------
