@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU users install the CUDA build themselves (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test lint demo demo-assets clean
+.PHONY: install test lint demo demo-assets bench clean
 
 $(BIN)/qalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: install
 demo-assets: install
 	$(BIN)/python scripts/demo_task.py
 	$(BIN)/python scripts/build_demo_model.py
+
+# qalign against TRL on the same machine (about 15 minutes on 2 CPU cores); writes benchmarks/RESULTS.md.
+# The bench extra installs without touching torch: the installed version is pinned for pip's resolver.
+bench: install
+	$(BIN)/pip install --quiet -e ".[bench]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,157 @@
+"""qalign against TRL (SFTTrainer/DPOTrainer + peft + bitsandbytes), side by side on the same machine in one run.
+
+Every measurement is a separate worker process (bench_worker.py); the tools alternate, each configuration is
+repeated, and the table shows medians. The results, with the machine, versions and command, go to
+benchmarks/RESULTS.md.
+
+    make bench                                     # the full run
+    .venv/bin/python benchmarks/bench.py --quick   # a smoke run in a few minutes (not a measurement)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_report import machine, render_results, results_table  # noqa: E402
+from bench_setup import MODELS, build_model, write_data  # noqa: E402
+from bench_worker import MODES  # noqa: E402
+
+# Lever measurements: (name, stage, what the worker gets to turn the lever off). The baseline is qalign at
+# gc-on from the main comparison; gradient checkpointing itself is the gc-on/gc-off pair there.
+LEVER_RUNS = [
+    ("selective-head", "sft", ["--lever", "selective-head"]),
+    ("selective-head", "dpo", ["--lever", "selective-head"]),
+    ("shared-prompt", "dpo", ["--lever", "shared-prompt"]),
+    ("concat-forward", "dpo", ["--lever", "concat-forward"]),
+    ("precompute-reference", "dpo", ["--set", "dpo.reference=live"]),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--stages", nargs="+", choices=("sft", "dpo"), default=["sft", "dpo"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument(
+        "--prompt-words", type=int, default=58, help="with the chat template: ~64 prompt tokens"
+    )
+    parser.add_argument("--response-words", type=int, default=62, help="with the chat template: ~64 tokens")
+    parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: by name)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, one repetition")
+    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.reps, args.steps, args.warmup, args.levers = "tiny", 1, 4, 1, False
+        args.prompt_words, args.response_words = 8, 8
+        args.no_write = True
+    return args
+
+
+def run_worker(
+    args: argparse.Namespace, root: Path, tool: str, stage: str, mode: str, extra: list[str]
+) -> dict:
+    tag = f"{tool}-{stage}-{mode}-{abs(hash(tuple(extra))) % 10**6}-{len(list(root.glob('out/*')))}"
+    out = root / "out" / f"{tag}.json"
+    command = [
+        sys.executable,
+        str(HERE / "bench_worker.py"),
+        *("--tool", tool, "--stage", stage, "--mode", mode),
+        *("--model", str(root / "model"), "--data", str(root / "data")),
+        *("--workdir", str(root / "work" / tag), "--out", str(out)),
+        *("--steps", str(args.steps), "--warmup", str(args.warmup)),
+        *("--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum)),
+        # Room for the chat template's tokens: nothing is ever truncated.
+        *("--max-length", str(args.prompt_words + args.response_words + 64)),
+        *extra,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"worker failed ({tool} {stage} {mode} {' '.join(extra)}): exit {done.returncode}")
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def medians(runs: list[dict]) -> dict:
+    keys = ("tokens_per_s", "tokens_per_s_train", "peak_mib", "precompute_s")
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    first = runs[0]
+    out.update(
+        settings=first["settings"],
+        memory=first["memory"],
+        device=first["device"],
+        reps=len(runs),
+        step_tokens=first["step_tokens"][-1],
+    )
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    console = Console()
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or run `make bench`)") from None
+    with tempfile.TemporaryDirectory(prefix="qalign-bench-") as tmp:
+        root = Path(tmp)
+        model = build_model(args.model, root / "model")
+        # One epoch exactly: a reference precompute pass then covers precisely the data the run trains on.
+        write_data(
+            root / "data",
+            args.steps * args.batch_size * args.grad_accum,
+            args.prompt_words,
+            args.response_words,
+        )
+        console.print(
+            f"model {model['name']}: {model['parameters'] / 1e6:.1f}M parameters; {machine()['cpu']}"
+        )
+        runs: dict[tuple, list[dict]] = {}
+        for rep in range(args.reps):
+            for stage in args.stages:
+                for mode in args.modes:
+                    # Alternate which tool goes first, so neither always runs on a warmer (or hotter) machine.
+                    tools = ("qalign", "trl") if rep % 2 == 0 else ("trl", "qalign")
+                    for tool in tools:
+                        result = run_worker(args, root, tool, stage, mode, [])
+                        runs.setdefault((tool, stage, mode), []).append(result)
+                        console.print(
+                            f"  rep {rep + 1}/{args.reps} {stage} {mode:8} {tool:6} "
+                            f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB"
+                        )
+                if args.levers:
+                    for name, lever_stage, extra in LEVER_RUNS:
+                        if lever_stage != stage:
+                            continue
+                        result = run_worker(args, root, "qalign", stage, "gc-on", extra)
+                        runs.setdefault(("lever", name, stage), []).append(result)
+                        console.print(
+                            f"  rep {rep + 1}/{args.reps} lever off: {name} ({stage}) "
+                            f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB"
+                        )
+        summary = {key: medians(value) for key, value in runs.items()}
+    console.print(results_table(summary, args, model))
+    if not args.no_write:
+        args.results.write_text(render_results(summary, args, model, sys.argv), encoding="utf-8")
+        console.print(f"written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Switches that turn one of qalign's optimizations off, so the benchmark can measure what each one is worth.
+
+They replace a qalign function inside the benchmark's worker process only; qalign itself has no such switches.
+Levers that are recipe keys (dpo.reference, gradient_checkpointing) are measured with `--set` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LEVERS = {
+    "selective-head": "LM head and log-softmax only at trained positions (off: full [batch, length, vocab] logits)",
+    "shared-prompt": "DPO prompt computed once per pair, chosen and rejected in one row (off: a row each, one pass)",
+    "concat-forward": "chosen and rejected in one forward pass (off: a row each, one pass for each side)",
+}
+
+
+def full_logits_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What label_logprobs computes, the plain way: logits at every position, a full log-softmax, then a gather."""
+    from qalign.chat_template import IGNORE
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
+    return logps[keep], rows
+
+
+def apply_levers(off: list[str]) -> None:
+    unknown = sorted(set(off) - set(LEVERS))
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}; known: {sorted(LEVERS)}")
+    from qalign import dpo, reference, sft
+
+    if "selective-head" in off:
+        sft.label_logprobs = full_logits_logprobs
+        dpo.label_logprobs = full_logits_logprobs
+    if "shared-prompt" in off or "concat-forward" in off:
+        separate = "concat-forward" in off
+
+        def unshared(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            split = dpo.split_pair_rows(batch)
+            pairs = batch["input_ids"].shape[0]
+            parts = [slice(0, pairs), slice(pairs, None)] if separate else [slice(None)]
+            logps, rows = [], []
+            for part in parts:
+                got, where = dpo.label_logprobs(
+                    model, split["input_ids"][part], split["attention_mask"][part], split["labels"][part]
+                )
+                logps.append(got)
+                rows.append(where + (part.start or 0))
+            logps, rows = torch.cat(logps), torch.cat(rows)
+            sums = torch.zeros(2 * pairs, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+            ones = torch.ones_like(rows)
+            return sums, torch.zeros(2 * pairs, dtype=torch.long, device=rows.device).index_add(0, rows, ones)
+
+        dpo.sequence_logprobs = unshared
+        reference.sequence_logprobs = unshared

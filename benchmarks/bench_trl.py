@@ -1,0 +1,137 @@
+"""The TRL side of a measurement: the 4-bit base loaded as a TRL user would (transformers + bitsandbytes), a peft
+LoRA config handed to SFTTrainer/DPOTrainer, the same data and workload, a clock on each optimizer step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from bench_worker import LORA, StepClock, trl_settings
+
+
+def conversational(stage: str, row: dict) -> dict:
+    """The rows qalign reads, in the conversational layout TRL renders through the same chat template."""
+    if stage == "sft":
+        user, assistant = row["messages"]
+        return {"prompt": [user], "completion": [assistant]}
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
+
+
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Without this TRL cannot precompute reference log-probs on a CPU: bitsandbytes repacks 4-bit weights for a
+    CPU inference kernel the first time a layer runs in eval mode, and the repacked weights then fail (or are
+    wrong) in training. qalign's loader does the same (model.py); it changes nothing on a GPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    lines = (args.data / f"{args.stage}.jsonl").read_text(encoding="utf-8").splitlines()
+    dataset = Dataset.from_list([conversational(args.stage, json.loads(line)) for line in lines])
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    cuda = torch.cuda.is_available()
+    # The same compute dtype qalign picks: bf16 on a GPU that has it, fp32 on a CPU.
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        ),
+        dtype=dtype,
+        device_map={"": 0 if cuda else "cpu"},
+    )
+    keep_training_layout(model)
+    peft_config = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    chosen = trl_settings(args.stage, args.mode)
+    common = dict(
+        output_dir=str(args.workdir / "run"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        # TRL defaults to bf16 autocast even on a CPU; the compute dtype is part of the workload, not a setting
+        # being compared, so both tools run it in qalign's (fp32 on a CPU, bf16 on a GPU that has it).
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        max_length=args.max_length,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        **chosen,
+    )
+    config = SFTConfig(**common) if args.stage == "sft" else DPOConfig(**common)
+    trainer_class = SFTTrainer if args.stage == "sft" else DPOTrainer
+
+    class Counted(trainer_class):
+        def training_step(self, model, inputs, *rest, **kw):
+            mask = inputs.get("attention_mask")
+            clock.pending += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *rest, **kw)
+
+        def _precompute_ref_logps(self, *a, **k):
+            began = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*a, **k)
+            finally:
+                clock.precompute_s += time.perf_counter() - began
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            clock.step_done()
+
+    trainer = Counted(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    settings = {
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "bf16": config.bf16,
+        "padding_free": config.padding_free,
+        "optim": config.optim,
+        "lora_dropout": LORA["dropout"],
+    }
+    if args.stage == "sft":
+        settings.update(packing=config.packing, loss_type=config.loss_type)
+    else:
+        settings.update(
+            precompute_ref_log_probs=config.precompute_ref_log_probs,
+            disable_dropout=config.disable_dropout,
+            loss_type=config.loss_type,
+        )
+    return settings

@@ -1,0 +1,151 @@
+"""One benchmark measurement in its own process: one tool (qalign or TRL), one stage, one mode.
+
+Its own process, so that peak memory (peak RSS on a CPU, `torch.cuda.max_memory_allocated` on a GPU) belongs to
+this measurement alone. Both tools are timed the same way: the clock reads at the end of every optimizer step,
+the first `--warmup` steps are left out, and tokens are the non-padding input tokens of the timed steps (prompt
+and response; chosen and rejected both count in DPO). A reference precompute pass, where a tool makes one, is
+timed separately and its share of the run is added to the wall-clock figure.
+
+    python benchmarks/bench_worker.py --tool qalign --stage dpo --mode defaults --model M --data D --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# What each mode changes; everything else (the workload) is the same for both tools in every mode.
+MODES = ("defaults", "gc-on", "gc-off")
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tool", choices=("qalign", "trl"), required=True)
+    parser.add_argument("--stage", choices=("sft", "dpo"), required=True)
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="model folder (config, weights, tokenizer)")
+    parser.add_argument("--data", type=Path, required=True, help="folder with sft.jsonl and dpo.jsonl")
+    parser.add_argument("--workdir", type=Path, required=True, help="scratch folder for this run")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the result as JSON")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="qalign only: a recipe override K=V"
+    )
+    parser.add_argument(
+        "--lever",
+        action="append",
+        default=[],
+        help="qalign only: turn an optimization off (see bench_levers.py)",
+    )
+    return parser.parse_args(argv)
+
+
+def qalign_settings(stage: str, mode: str) -> dict:
+    """The recipe keys a mode sets for qalign; unset keys keep qalign's defaults."""
+    if mode == "defaults":
+        return {}
+    return {"gradient_checkpointing": mode == "gc-on"}
+
+
+def trl_settings(stage: str, mode: str) -> dict:
+    """The SFTConfig/DPOConfig fields a mode sets for TRL; unset fields keep TRL's defaults."""
+    if mode == "defaults":
+        return {}
+    settings: dict = {"gradient_checkpointing": mode == "gc-on"}
+    if stage == "dpo":
+        # Matched: the reference costs both tools one pass over the data, as it does qalign by default.
+        settings["precompute_ref_log_probs"] = True
+    return settings
+
+
+class StepClock:
+    """End-of-step timestamps and the tokens each step processed; the same bookkeeping for both tools."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
+        self.pending = 0
+        self.precompute_s = 0.0
+
+    def step_done(self, tokens: int | None = None) -> None:
+        self.ends.append(time.perf_counter())
+        self.tokens.append(self.pending if tokens is None else tokens)
+        self.pending = 0
+
+    def summary(self, warmup: int, steps: int) -> dict:
+        if len(self.ends) <= warmup:
+            raise SystemExit(f"only {len(self.ends)} steps ran; need more than --warmup={warmup}")
+        timed_s = self.ends[-1] - self.ends[warmup - 1] if warmup else self.ends[-1] - self.ends[0]
+        timed_steps = len(self.ends) - max(warmup, 1)
+        tokens = sum(self.tokens[max(warmup, 1) :])
+        # The precompute pass covers the whole dataset, which is exactly `steps` steps of data: the timed
+        # steps carry their share of it.
+        share = self.precompute_s * timed_steps / steps
+        return {
+            "timed_steps": timed_steps,
+            "timed_s": timed_s,
+            "tokens": tokens,
+            "tokens_per_s_train": tokens / timed_s,
+            "precompute_s": self.precompute_s,
+            "tokens_per_s": tokens / (timed_s + share),
+            "step_tokens": self.tokens,
+        }
+
+
+def peak_memory_mib() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda.max_memory_allocated"
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "peak RSS"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    clock = StepClock()
+    started = time.perf_counter()
+    if args.tool == "qalign":
+        from bench_qalign import run_qalign
+
+        settings = run_qalign(args, clock)
+    else:
+        from bench_trl import run_trl
+
+        settings = run_trl(args, clock)
+    total_s = time.perf_counter() - started
+    peak, how = peak_memory_mib()
+    result = {
+        "tool": args.tool,
+        "stage": args.stage,
+        "mode": args.mode,
+        "settings": settings,
+        "levers_off": args.lever,
+        "overrides": args.overrides,
+        "peak_mib": peak,
+        "memory": how,
+        "process_s": total_s,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        **clock.summary(args.warmup, args.steps),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
