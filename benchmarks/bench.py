@@ -105,7 +105,7 @@ def medians(runs: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     try:
         import trl  # noqa: F401
     except ImportError:

@@ -11,7 +11,8 @@ import torch
 LEVERS = {
     "selective-head": "LM head and log-softmax only at trained positions (off: full [batch, length, vocab] logits)",
     "shared-prompt": "DPO prompt computed once per pair, chosen and rejected in one row (off: a row each, one pass)",
-    "concat-forward": "chosen and rejected in one forward pass (off: a row each, one pass for each side)",
+    "concat-forward": "chosen and rejected in one forward pass (off: a row each and one pass for each side; "
+    "against the row above, this lever alone)",
 }
 
 

@@ -23,6 +23,14 @@ PEAK_TFLOPS = {
     "4090": 165.0,
     "3090": 71.0,
 }
+# The targets on a 2-core CPU: (stage, mode, minimum qalign/TRL tokens/s); peak memory no higher.
+TARGETS = [
+    ("dpo", "defaults", 2.5),
+    ("dpo", "gc-on", 1.5),
+    ("dpo", "gc-off", 1.5),
+    ("sft", "gc-on", 1.3),
+    ("sft", "gc-off", 1.3),
+]
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "datasets")
 LEVER_TEXT = {
     **LEVERS,
@@ -173,6 +181,21 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
                 for value in (mfu(ours, model, args), mfu(theirs, model, args))
             )
         lines.append(line)
+    lines += [
+        "",
+        "## Against the targets",
+        "",
+        "| stage | mode | speed target | speed | memory | met |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for stage, mode, target in TARGETS:
+        row = next((r for r in rows if r["stage"] == stage and r["mode"] == mode), None)
+        if row is None:
+            continue
+        speed = row["qalign"]["tokens_per_s"] / row["trl"]["tokens_per_s"]
+        memory = row["qalign"]["peak_mib"] / row["trl"]["peak_mib"]
+        met = "yes" if speed >= target and memory <= 1 else "**no**"
+        lines.append(f"| {stage} | {mode} | {target}x | {speed:.2f}x | {memory:.2f}x | {met} |")
     lines += ["", "## Settings of each mode", "", "| stage | mode | qalign | TRL |", "|---|---|---|---|"]
     for row in rows:
         lines.append(
