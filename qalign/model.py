@@ -26,16 +26,28 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
     if device.type != "cuda":
-        # CPU kernels for half precision are slow or missing; fp32 is the honest default there.
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_tokenizer(spec: ModelSpec, warn: Callable[[str], None]) -> PreTrainedTokenizerBase:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower
+    than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def load_tokenizer(
+    spec: ModelSpec, warn: Callable[[str], None], local_files_only: bool = False
+) -> PreTrainedTokenizerBase:
     """The base's tokenizer with the chat template training will use, and a pad token."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            spec.base, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            spec.base,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            local_files_only=local_files_only,
         )
     except (OSError, ValueError) as exc:
         raise UserError(

@@ -14,6 +14,7 @@ from qalign import __version__
 from qalign.checkpoint import CheckpointManager, atomic_write_text
 from qalign.data import DataReport, read_rows
 from qalign.errors import UserError
+from qalign.lora import tune_lora_layers
 from qalign.model import (
     attach_lora,
     compute_dtype,
@@ -202,6 +203,7 @@ class StageRun:
             f"{self.device.type})"
         )
         model = attach_lora(base, self.recipe.lora, self.spec.gradient_checkpointing, init_adapter)
+        tune_lora_layers(model, self.dtype)
         trainable, total = count_parameters(model)
         source = f"from {init_adapter}" if init_adapter else f"r={self.recipe.lora.r}"
         self.progress.info(

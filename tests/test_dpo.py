@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TOKENIZER, add_dpo, write_recipe
 from test_cli_sft import qalign
 
@@ -198,7 +199,8 @@ def pairs(tokenizer):
 def policy_with_adapter(tiny_model, tmp_path: Path, trained_start: bool):
     """A 4-bit llama with LoRA. With trained_start, the adapter starts from saved non-zero weights (as after
     SFT) and a frozen copy of them is loaded as 'reference'."""
-    spec = ModelSpec(base=str(tiny_model("llama")))
+    # fp32: the cached and live passes batch the pairs differently, and bf16 rounding would differ with it.
+    spec = ModelSpec(base=str(tiny_model("llama")), compute_dtype="fp32")
     lora = LoraSpec(r=4, alpha=8, dropout=0.1)
     if not trained_start:
         model = attach_lora(load_base(spec, torch.device("cpu")), lora, gradient_checkpointing=False)
@@ -265,6 +267,10 @@ def dpo_metrics(folder: Path) -> list[dict]:
 
 def test_run_does_sft_then_dpo_from_the_sft_adapter(tmp_path, tiny_model):
     recipe = add_dpo(write_recipe(tmp_path, tiny_model("llama"), max_steps=6, save_every=0, eval_every=0))
+    # fp32 (whatever this CPU's `auto` is), so the cached reference can be checked tightly below.
+    data = yaml.safe_load(recipe.read_text())
+    data["model"]["compute_dtype"] = "fp32"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     result = qalign("run", str(recipe), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "runs" / "tiny"
@@ -299,7 +305,8 @@ def test_run_does_sft_then_dpo_from_the_sft_adapter(tmp_path, tiny_model):
     cache = next((out / "dpo" / "reference").glob("train-*.safetensors"))
     cached = load_file(cache)["reference"]
     sft_model = PeftModel.from_pretrained(
-        load_base(ModelSpec(base=str(tiny_model("llama"))), torch.device("cpu")), out / "sft" / "adapter"
+        load_base(ModelSpec(base=str(tiny_model("llama")), compute_dtype="fp32"), torch.device("cpu")),
+        out / "sft" / "adapter",
     )
     from qalign.recipe import load_recipe
 

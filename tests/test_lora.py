@@ -1,0 +1,104 @@
+"""qalign's LoRA layer tuning (qalign/lora.py): the CPU dropout draws the same distribution as nn.Dropout, and
+with a bf16 base the adapters multiply in bf16 while their weights and gradients stay fp32 and saved adapters
+keep their keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qalign.logprobs import label_logprobs
+from qalign.lora import ComputeDtypeLinear, UniformDropout, tune_lora_layers
+from qalign.model import attach_lora, compute_dtype, cpu_has_native_bf16, load_base
+from qalign.recipe import LoraSpec, ModelSpec
+
+CPU = torch.device("cpu")
+
+
+def test_uniform_dropout_drops_p_and_rescales_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000) + 0.5  # no zeros of its own
+    x.requires_grad_(True)
+    dropout = UniformDropout(p=0.1).train()
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.002)  # 1e6 draws: the standard error is 3e-4
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    y.sum().backward()
+    # d(sum)/dx is the mask times the scale: 0 where dropped, 1/(1-p) where kept.
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    assert dropout.eval()(x) is x
+    assert UniformDropout(p=0.0).train()(x) is x
+
+
+def test_uniform_dropout_is_reproducible_under_a_seed_and_swapped_in_for_nn_dropout(tiny_model):
+    x = torch.ones(64, 64)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        masks.append(UniformDropout(p=0.3).train()(x))
+    assert torch.equal(masks[0], masks[1])
+
+    spec = ModelSpec(base=str(tiny_model("llama")), compute_dtype="fp32")
+    model = attach_lora(load_base(spec, CPU), LoraSpec(r=4, alpha=8, dropout=0.1), False)
+    tune_lora_layers(model, torch.float32)
+    dropouts = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
+    assert len(dropouts) == 14  # 7 linear layers x 2 decoder layers
+    assert all(type(m) is UniformDropout and m.p == 0.1 for m in dropouts)
+    # fp32 compute: the adapters keep peft's own linear layers.
+    assert not any(isinstance(m, ComputeDtypeLinear) for m in model.modules())
+
+
+def test_auto_compute_dtype_on_cpu_follows_native_bf16():
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert compute_dtype("auto", CPU) == expected
+    assert compute_dtype("fp32", CPU) == torch.float32
+
+
+def _bf16_lora(tiny_model, tuned: bool) -> torch.nn.Module:
+    spec = ModelSpec(base=str(tiny_model("llama")), compute_dtype="bf16")
+    model = attach_lora(load_base(spec, CPU), LoraSpec(r=4, alpha=8, dropout=0.0), False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-zero B, so the adapter changes the output
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    if tuned:
+        tune_lora_layers(model, torch.bfloat16)
+    return model.train()
+
+
+def _step(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Log-probs, fp32 adapter gradients and the bytes autograd saved for backward."""
+    ids = torch.arange(3, 35).view(2, 16)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logps, _ = label_logprobs(model, ids, torch.ones_like(ids), labels)
+    (-logps.mean()).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return logps.detach(), grads, sum(saved.values())
+
+
+def test_bf16_adapters_multiply_in_bf16_with_fp32_weights_and_gradients(tiny_model):
+    plain, tuned = _bf16_lora(tiny_model, tuned=False), _bf16_lora(tiny_model, tuned=True)
+    assert plain.state_dict().keys() == tuned.state_dict().keys()
+    assert any(isinstance(m, ComputeDtypeLinear) for m in tuned.modules())
+    want, want_grads, want_saved = _step(plain)
+    got, got_grads, got_saved = _step(tuned)
+    # bf16 has 8 bits of mantissa: the two paths agree to its rounding, not bit for bit.
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.01)
+    for name, grad in got_grads.items():
+        assert grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), want_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, name
+    # peft's path keeps an fp32 copy of every adapter's input for backward; the tuned one keeps none.
+    assert got_saved < 0.8 * want_saved, (got_saved, want_saved)
