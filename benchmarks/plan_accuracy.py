@@ -15,7 +15,7 @@ import datetime
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class Case:
     seq: int
     checkpointing: bool
     attn: str | None = None
+    dtype: str = "auto"  # the recipe's model.compute_dtype
 
 
 def _shape(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> dict:
@@ -53,22 +54,25 @@ LLAMA_M = _shape(256, 688, 4, 8, 4, 4000)
 QWEN_M = _shape(192, 512, 3, 6, 2, 3000)
 LLAMA_WIDE = _shape(512, 1376, 2, 8, 8, 1000)
 
-CASES = [
-    Case("llama-s", "LlamaConfig", LLAMA_S, "sft", 4, 64, False),
-    Case("llama-s", "LlamaConfig", LLAMA_S, "sft", 4, 64, True),
-    Case("llama-m", "LlamaConfig", LLAMA_M, "sft", 2, 128, False),
-    Case("llama-m", "LlamaConfig", LLAMA_M, "sft", 8, 128, True),
-    Case("llama-m", "LlamaConfig", LLAMA_M, "sft", 1, 512, False),
-    Case("qwen2-m", "Qwen2Config", QWEN_M, "sft", 4, 256, False),
-    Case("qwen2-m", "Qwen2Config", QWEN_M, "sft", 4, 256, True),
-    Case("llama-wide", "LlamaConfig", LLAMA_WIDE, "sft", 2, 256, False),
-    Case("llama-s", "LlamaConfig", LLAMA_S, "dpo", 4, 64, False),
-    Case("llama-m", "LlamaConfig", LLAMA_M, "dpo", 2, 128, True),
-    Case("qwen2-m", "Qwen2Config", QWEN_M, "dpo", 2, 256, False),
-    Case("llama-wide", "LlamaConfig", LLAMA_WIDE, "dpo", 1, 256, True),
+BF16 = [
+    Case("llama-s", "LlamaConfig", LLAMA_S, "sft", 4, 64, False, dtype="bf16"),
+    Case("llama-s", "LlamaConfig", LLAMA_S, "sft", 4, 64, True, dtype="bf16"),
+    Case("llama-m", "LlamaConfig", LLAMA_M, "sft", 2, 128, False, dtype="bf16"),
+    Case("llama-m", "LlamaConfig", LLAMA_M, "sft", 8, 128, True, dtype="bf16"),
+    Case("llama-m", "LlamaConfig", LLAMA_M, "sft", 1, 512, False, dtype="bf16"),
+    Case("qwen2-m", "Qwen2Config", QWEN_M, "sft", 4, 256, False, dtype="bf16"),
+    Case("qwen2-m", "Qwen2Config", QWEN_M, "sft", 4, 256, True, dtype="bf16"),
+    Case("llama-wide", "LlamaConfig", LLAMA_WIDE, "sft", 2, 256, False, dtype="bf16"),
+    Case("llama-s", "LlamaConfig", LLAMA_S, "dpo", 4, 64, False, dtype="bf16"),
+    Case("llama-m", "LlamaConfig", LLAMA_M, "dpo", 2, 128, True, dtype="bf16"),
+    Case("qwen2-m", "Qwen2Config", QWEN_M, "dpo", 2, 256, False, dtype="bf16"),
+    Case("llama-wide", "LlamaConfig", LLAMA_WIDE, "dpo", 1, 256, True, dtype="bf16"),
 ]
-# A few quick cases for the test suite.
-FAST_CASES = [CASES[0], CASES[1], CASES[5], CASES[8]]
+FP32 = [replace(BF16[i], dtype="fp32") for i in (0, 1, 3, 4, 5, 7, 8, 10)]
+# bf16 first: what `compute_dtype: auto` gives on CPUs with native bf16.
+CASES = BF16 + FP32
+# A few quick cases for the test suite: both dtypes, SFT with and without checkpointing, and DPO.
+FAST_CASES = [BF16[0], BF16[1], BF16[8], FP32[0], FP32[6]]
 
 PROMPT_SHARE = 0.25  # the first quarter of each row is prompt (not trained)
 
@@ -94,7 +98,7 @@ def recipe_for(case: Case, model: Path, out: Path):
     )
     attn = f"  attn_implementation: {case.attn}\n" if case.attn else ""
     text = (
-        f"name: plan\noutput_dir: {out}\nmodel:\n  base: {model}\n{attn}"
+        f"name: plan\noutput_dir: {out}\nmodel:\n  base: {model}\n  compute_dtype: {case.dtype}\n{attn}"
         f"lora: {{r: 8, alpha: 16, dropout: 0.05}}\n{section}"
     )
     (out / "x.jsonl").parent.mkdir(parents=True, exist_ok=True)
@@ -103,37 +107,51 @@ def recipe_for(case: Case, model: Path, out: Path):
 
 
 def predict(case: Case, recipe) -> int:
-    from qalign.memory import Lengths, describe, estimate, load_config
+    from qalign.memory import describe, estimate, lengths_of, load_config
 
     config, source = load_config(recipe.model)
     arch = describe(config, recipe.model, source)
-    trained = case.seq - 1 - int(case.seq * PROMPT_SHARE)
-    lengths = Lengths(longest=case.seq, longest_trained=trained, note="synthetic rows")
+    # The planner reads the same examples the measured step trains on, through the runner's lengths_of.
+    lengths = lengths_of(_examples(case, arch.vocab), case.stage)
     return estimate(arch, recipe, case.stage, lengths, "cpu").total_bytes
 
 
-def _batch(case: Case, vocab: int) -> dict[str, torch.Tensor]:
+def _examples(case: Case, vocab: int) -> list:
+    """Random-token examples of `case.seq` tokens, the first PROMPT_SHARE of them prompt. SFT: with several rows
+    the last is an eighth shorter, so the batch is padded (and attention gets a mask) as real data is. DPO:
+    chosen and rejected share their prompt, so collate_dpo's rows hold it once."""
+    from qalign.dpo import DpoExample
+    from qalign.sft import SftExample
+
     generator = torch.Generator().manual_seed(0)
     prompt = int(case.seq * PROMPT_SHARE)
-    if case.stage == "sft":
-        ids = torch.randint(3, vocab, (case.batch, case.seq), generator=generator)
-        labels = ids.clone()
-        labels[:, :prompt] = -100
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    # DPO goes through the stage's own collate, so the measured layout is the one training uses.
-    from qalign.dpo import DpoExample, collate_dpo
 
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
+    if case.stage == "sft":
+        lengths = [case.seq] * case.batch
+        if case.batch > 1:
+            lengths[-1] -= case.seq // 8
+        return [SftExample(ids, [-100] * prompt + ids[prompt:], "x") for ids in map(tokens, lengths)]
     examples = []
     for _ in range(case.batch):
-        shared = torch.randint(3, vocab, (prompt,), generator=generator).tolist()
-        sides = [
-            shared + torch.randint(3, vocab, (case.seq - prompt,), generator=generator).tolist() for _ in "cr"
-        ]
+        shared = tokens(prompt)
+        sides = [shared + tokens(case.seq - prompt) for _ in "cr"]
         labels = [[-100] * prompt + side[prompt:] for side in sides]
         examples.append(
             DpoExample(sides[0], labels[0], sides[1], labels[1], "x", shared, reference=(0.0, 0.0, 1, 1))
         )
-    return collate_dpo(examples, 0)
+    return examples
+
+
+def _batch(case: Case, vocab: int) -> dict[str, torch.Tensor]:
+    # Each stage's own collate, so the measured layout is the one training uses.
+    from qalign.dpo import collate_dpo
+    from qalign.sft import collate_sft
+
+    collate = collate_dpo if case.stage == "dpo" else collate_sft
+    return collate(_examples(case, vocab), 0)
 
 
 def _live_bytes(tensors: list[torch.Tensor]) -> int:
@@ -157,13 +175,15 @@ def measure(case: Case, recipe) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from qalign.dpo import make_dpo_step
-    from qalign.model import attach_lora, load_base
+    from qalign.lora import tune_lora_layers
+    from qalign.model import attach_lora, compute_dtype, load_base
     from qalign.runner import disable_dropout
     from qalign.sft import sft_step
 
     device = torch.device("cpu")
     base = load_base(recipe.model, device)
     model = attach_lora(base, recipe.lora, case.checkpointing)
+    tune_lora_layers(model, compute_dtype(recipe.model.compute_dtype, device))
     step_loss = sft_step
     if case.stage == "dpo":
         disable_dropout(model)
@@ -209,13 +229,13 @@ def run(cases: list[Case], root: Path) -> list[tuple[Case, int, int]]:
 
 def table(results: list[tuple[Case, int, int]]) -> str:
     lines = [
-        "| model | stage | batch | length | checkpointing | predicted MiB | measured MiB | error |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| model | stage | dtype | batch | length | checkpointing | predicted MiB | measured MiB | error |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for case, predicted, measured in results:
         error = (predicted - measured) / measured
         lines.append(
-            f"| {case.name} | {case.stage} | {case.batch} | {case.seq} | {'on' if case.checkpointing else 'off'} "
+            f"| {case.name} | {case.stage} | {case.dtype} | {case.batch} | {case.seq} | {'on' if case.checkpointing else 'off'} "
             f"| {predicted / 2**20:.2f} | {measured / 2**20:.2f} | {error:+.1%} |"
         )
     return "\n".join(lines)
@@ -242,11 +262,15 @@ def main() -> None:
         "- command: `.venv/bin/python benchmarks/plan_accuracy.py`\n"
         "- measured: bytes of live tensors before the step (from the tensors) + the peak of the PyTorch "
         "profiler's allocation events during one step (forward, backward, clipping, AdamW), after a warm-up step\n"
-        "- predicted: `total_bytes` of the CPU plan (fp32 compute, no CUDA context); LoRA r=8 on all linear "
-        f"layers, dropout 0.05; {PROMPT_SHARE:.0%} of every row is prompt (not trained); DPO uses cached "
-        "reference log-probs\n"
-        "- GPU: none was available, so the CUDA plan (bf16 activations, CUDA context, allocator overhead) is "
-        "not measured here\n\n"
+        "- predicted: `total_bytes` of the CPU plan (no CUDA context), from the examples' lengths as "
+        "`memory.lengths_of` reads them; LoRA r=8 on all linear layers, dropout 0.05 (SFT; DPO turns it off)\n"
+        "- compute dtype: the `dtype` column (the recipe's `model.compute_dtype`): bf16 for every case, which "
+        "`auto` gives on CPUs with AVX512-BF16/AMX, and fp32 for "
+        f"{len(FP32)} of them (`auto` elsewhere)\n"
+        f"- data: random tokens; {PROMPT_SHARE:.0%} of every row is prompt (not trained); SFT batches of several "
+        "rows have one row an eighth shorter (padded, so attention gets a mask); DPO pairs share their prompt, "
+        "so each pair is one row (prompt once, then chosen and rejected) and uses cached reference log-probs\n"
+        "- GPU: none was used, so the CUDA plan (CUDA context, allocator overhead) is not measured here\n\n"
         f"{body}\n\nworst error: {worst:.1%}\n\nShapes (NF4 + double quant, sdpa attention):\n\n{shapes}\n"
     )
     (ROOT / "benchmarks" / "PLAN_RESULTS.md").write_text(report, encoding="utf-8")

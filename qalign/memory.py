@@ -2,12 +2,14 @@
 
 Pure arithmetic on a model config, the recipe and the data's lengths: no weights are loaded. The parameter
 parts are exact (they enumerate the modules of a parameter-free "meta" instance of the architecture and apply
-bitsandbytes' storage layout); activations follow what autograd saves in a Llama-style decoder layer with
-LoRA, calibrated against allocations measured on CPU (benchmarks/plan_accuracy.py).
+bitsandbytes' storage layout); activations count the tensors autograd saves in a Llama-style decoder layer
+with LoRA (see _layer_bytes_per_token), checked against allocations measured on CPU in fp32 and bf16
+(benchmarks/plan_accuracy.py).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -25,9 +27,9 @@ BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: the absmax are themselves quantized in blocks of 256
 CUDA_CONTEXT = 450 * MiB  # CUDA runtime, cuBLAS workspace and kernels: typically 300-600 MiB
 ALLOCATOR_SHARE = 0.08  # the caching allocator's fragmentation, as a share of what changes every step
-# Logits-sized fp32 buffers alive at once in the LM head's backward, besides the saved logits: the gradient
-# of the gathered target, that of logsumexp, its exp() and their sum. Measured on CPU (plan_accuracy.py).
-LOGIT_BACKWARD_BUFFERS = 3
+# Logits-sized fp32 buffers alive at once in the LM head's backward, besides the log-softmax cross_entropy
+# saves: the gradient arriving at the log-softmax and the one it returns (measured on CPU, plan_accuracy.py).
+LOGIT_BACKWARD_BUFFERS = 2
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -48,8 +50,16 @@ class Architecture:
     unquantized: dict[str, int]
     """Elements kept in compute dtype: embeddings, lm_head (when not tied), norms and biases."""
     buffers_bytes: int
+    """Buffers whose dtype is fixed by the model's code (rotary frequencies are always fp32)."""
+    buffers_compute_elems: int
+    """Elements of buffers created in the default dtype, which loading sets to the compute dtype (Gemma's
+    embedding scale)."""
     linears: dict[str, list[tuple[int, int]]]
     """Leaf name (q_proj, ...) -> (in, out) of each decoder linear layer with that name."""
+    norms_per_layer: int = 2
+    sliding_window: int | None = None
+    attention: str = "sdpa"
+    """The attention transformers picks when the recipe names none (eager for models without sdpa: Gemma 2)."""
     source: str = ""
 
 
@@ -59,13 +69,21 @@ def load_config(spec: ModelSpec) -> tuple[object, str]:
 
     from qalign.architectures import known_config, known_ids
 
-    try:
-        config = AutoConfig.from_pretrained(
-            spec.base, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    def read(local_only: bool) -> object:
+        return AutoConfig.from_pretrained(
+            spec.base,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            local_files_only=local_only,
         )
+
+    known = known_config(spec.base)
+    try:
+        # For an id the table knows, a config on disk (a folder, the hub cache) wins and the network is never
+        # asked: offline, the hub client retries for most of a minute before it gives up.
+        config = read(local_only=known is not None)
         return config, f"config of {spec.base}"
     except (OSError, ValueError) as exc:
-        known = known_config(spec.base)
         if known is None:
             raise UserError(
                 f"model.base: cannot read the config of '{spec.base}' ({str(exc).strip().splitlines()[0]}) and "
@@ -80,8 +98,13 @@ def describe(config: object, spec: ModelSpec, source: str = "") -> Architecture:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
+    # Loading builds the model with its dtype as torch's default, so a buffer made without an explicit dtype
+    # takes the compute dtype. Building in bf16 tells those (they come out 2-byte) from fixed ones (fp32).
+    # (A copy: from_config records the dtype in the config it is given.)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), dtype=torch.bfloat16, trust_remote_code=spec.trust_remote_code
+        )
     skip = _not_quantized(model) if spec.quantization != "none" else None
     quantized, unquantized, linears = [], {"embeddings": 0, "lm_head": 0, "norms_and_biases": 0}, {}
     quantized_ids = set()
@@ -108,7 +131,17 @@ def describe(config: object, spec: ModelSpec, source: str = "") -> Architecture:
             unquantized["lm_head"] += param.numel()
         else:
             unquantized["norms_and_biases"] += param.numel()
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    follows = [b.dtype == torch.bfloat16 for b in model.buffers()]
+    buffers = [b.numel() * b.element_size() for b in model.buffers()]
+    layer = next(
+        (
+            m[0]
+            for m in model.modules()
+            if isinstance(m, torch.nn.ModuleList) and len(m) == config.num_hidden_layers
+        ),
+        None,
+    )
+    norms = sum("norm" in type(m).__name__.lower() for m in layer.modules()) if layer is not None else 2
     heads = config.num_attention_heads
     hidden = config.hidden_size
     return Architecture(
@@ -122,8 +155,12 @@ def describe(config: object, spec: ModelSpec, source: str = "") -> Architecture:
         head_dim=getattr(config, "head_dim", None) or hidden // heads,
         quantized=quantized,
         unquantized=unquantized,
-        buffers_bytes=buffers,
+        buffers_bytes=sum(n for n, f in zip(buffers, follows, strict=True) if not f),
+        buffers_compute_elems=sum(n // 2 for n, f in zip(buffers, follows, strict=True) if f),
         linears=linears,
+        norms_per_layer=norms,
+        sliding_window=getattr(config, "sliding_window", None),
+        attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
         source=source,
     )
 
@@ -151,9 +188,13 @@ def quantized_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
 
 def lora_shapes(arch: Architecture, lora: LoraSpec) -> list[tuple[int, int]]:
     """(in, out) of every linear layer that gets an adapter."""
+    return [shape for shapes in _adapted(arch, lora).values() for shape in shapes]
+
+
+def _adapted(arch: Architecture, lora: LoraSpec) -> dict[str, list[tuple[int, int]]]:
     if lora.target_modules == "all-linear":
-        return [shape for shapes in arch.linears.values() for shape in shapes]
-    return [shape for name in lora.target_modules for shape in arch.linears.get(name, [])]
+        return arch.linears
+    return {name: arch.linears[name] for name in lora.target_modules if name in arch.linears}
 
 
 @dataclass
@@ -163,6 +204,10 @@ class Lengths:
     longest: int | None = None
     longest_trained: int | None = None
     """Most trained (loss) positions in one example; for DPO, of one side."""
+    longest_pair: int | None = None
+    """DPO: the longest row of collate_dpo's layout (prompt once, then both responses)."""
+    longest_pair_trained: int | None = None
+    """DPO: most trained positions in one such row (both sides)."""
     lengths: list[int] = field(default_factory=list)
     note: str = ""
 
@@ -228,7 +273,11 @@ def estimate(
     """Peak memory of one training step of `stage`; the keyword arguments stand in for recipe values."""
     spec: TrainSpec = getattr(recipe, stage)
     model = recipe.model
-    dtype = model.compute_dtype if model.compute_dtype != "auto" else ("bf16" if target == "cuda" else "fp32")
+    from qalign.model import cpu_has_native_bf16
+
+    dtype = model.compute_dtype
+    if dtype == "auto":
+        dtype = "bf16" if target == "cuda" or cpu_has_native_bf16() else "fp32"
     a = DTYPE_BYTES[dtype]
     assumptions = [f"{arch.source}; compute dtype {dtype}"]
     batch = batch_size or (spec.batch_size if isinstance(spec.batch_size, int) else 1)
@@ -248,7 +297,7 @@ def estimate(
         detail["quantization_constants"] += constants
     for name, numel in arch.unquantized.items():
         detail[name] = numel * a
-    detail["buffers"] = arch.buffers_bytes
+    detail["buffers"] = arch.buffers_bytes + arch.buffers_compute_elems * a
     components = {"base_weights": sum(detail.values())}
 
     # -- the adapter, its gradients and AdamW's two moments (all fp32, as peft keeps adapters) ----------
@@ -259,33 +308,54 @@ def estimate(
     components["optimizer_states"] = lora_elems * 8 + len(shapes) * 2 * 4  # + a step counter per tensor
 
     # -- activations ----------------------------------------------------------------------------------
-    seq = min(max_len, lengths.longest) if lengths.longest else max_len
-    trained = min(seq - 1, lengths.longest_trained) if lengths.longest_trained else seq - 1
-    rows = batch * (2 if stage == "dpo" else 1)
+    attn = model.attn_implementation or arch.attention
+    pair_rows = stage == "dpo" and _takes_pair_rows(arch, attn, lengths, max_len)
+    if pair_rows:
+        # collate_dpo: one row per pair, the shared prompt once, both responses trained.
+        rows = batch
+        seq = min(lengths.longest_pair, 2 * max_len) if lengths.longest_pair else 2 * max_len
+        both = lengths.longest_pair_trained
+        trained = min(seq - 1, both) if both else seq - 1
+        what = lengths.note or "2 x max_length"
+    else:
+        rows = batch * (2 if stage == "dpo" else 1)
+        seq = min(max_len, lengths.longest) if lengths.longest else max_len
+        trained = min(seq - 1, lengths.longest_trained) if lengths.longest_trained else seq - 1
+        what = lengths.note or "max_length"
     tokens = rows * seq
     positions = rows * trained
     assumptions.append(
-        f"{rows} rows of {seq} tokens per micro-batch ({lengths.note or 'max_length'}), "
-        f"{trained} trained positions per row"
+        f"{rows} rows of {seq} tokens per micro-batch ({what}), {trained} trained positions per row"
     )
+    # A mask reaches attention for DPO's pair rows (pair_attention, in the compute dtype) and for padded rows
+    # (a bool mask; assumed whenever a batch has several rows). With one, sdpa gets keys and values repeated
+    # to every query head (transformers only uses sdpa's own GQA without a mask), and keeps the mask.
+    # Flash-attention unpads instead; eager always repeats them.
+    masked = (pair_rows or rows > 1) and attn != "flash_attention_2"
+    mask = rows * seq * seq * (a if pair_rows else 1) if masked else 0
     # DPO turns dropout off (runner.disable_dropout); a dropout of 0 saves no copies.
     dropout = recipe.lora.dropout > 0 and stage != "dpo"
-    per_layer = _layer_bytes_per_token(arch, dropout, shapes, r, a)
-    attention = _attention_scores_bytes(arch, model, rows, seq, a)
-    saved_layers = arch.layers * (per_layer * tokens + attention)
-    inputs_only = arch.layers * arch.hidden * a * tokens
-    final = (3 * arch.hidden * a + 4) * tokens + 3 * 8 * tokens  # final norm, embeddings out, ids/mask/labels
+    per_layer = _layer_bytes_per_token(arch, recipe.lora, dtype, r, dropout, masked or attn == "eager")
+    attention = _attention_scores_bytes(arch, attn, rows, seq, a)
+    saved_layers = arch.layers * (per_layer * tokens + attention) + mask
+    inputs_only = arch.layers * arch.hidden * a * tokens + mask  # what checkpointing keeps of each layer
+    # ids, labels and positions (int64) live all step; the final norm's fp32 input and the decoder's output
+    # until the backward reaches them, before any layer's.
+    ids = 24 * tokens
+    final = (4 * arch.hidden + arch.hidden * a) * tokens
+    # cross_entropy keeps the fp32 log-softmax of each trained position (and the hidden state and target).
     logits_saved = positions * (arch.vocab * 4 + arch.hidden * a + 8)
     chunk = min(positions, CHUNK_TOKENS)
     logits_backward = LOGIT_BACKWARD_BUFFERS * chunk * arch.vocab * 4
-    # With checkpointing, the backward of a layer first recomputes it (only then are its activations alive)
-    # and holds gradients of about the MLP's width besides (fitted on CPU, as above).
-    layer_backward = arch.intermediate * a * tokens
-    with_ckpt = max(
-        inputs_only + final + logits_saved + logits_backward,
-        inputs_only + per_layer * tokens + attention + layer_backward + arch.hidden * a * tokens,
-    )
-    without = saved_layers + final + logits_saved + logits_backward
+    head = ids + final + logits_saved + logits_backward
+    # A layer's backward holds, besides its saved tensors, the gradient coming down the residual stream and
+    # one MLP-wide gradient at a time: each node's saved tensors are freed as its backward runs, so the
+    # gate/up gradients replace the tensors they were computed from (measured on CPU, plan_accuracy.py).
+    # With checkpointing the layer is first recomputed, so its saved tensors are alive only then.
+    layer_backward = (arch.intermediate + arch.hidden) * a * tokens
+    layer_peak = per_layer * tokens + attention + layer_backward
+    with_ckpt = max(inputs_only + head, inputs_only + ids + layer_peak)
+    without = max(saved_layers + head, saved_layers + ids + layer_backward)
     by_ckpt = {"on": with_ckpt, "off": without}
     activations = with_ckpt if checkpointing else without
     logits = logits_saved + logits_backward
@@ -300,7 +370,13 @@ def estimate(
             reference = lora_elems * 4  # a frozen copy of the starting adapter beside the trained one
         components["dpo_reference"] = reference
         assumptions.append(
-            "DPO: chosen and rejected in one forward (2 rows per example); "
+            (
+                "DPO: one row per pair (the prompt once, then chosen and rejected, with a "
+                f"[{rows}, 1, {seq}, {seq}] {dtype} attention mask); "
+                if pair_rows
+                else "DPO: chosen and rejected as 2 rows per pair in one forward (flash-attention or a "
+                "sliding window shorter than the pair cannot take the one-row layout); "
+            )
             + (
                 "reference log-probs cached (4 numbers per pair, in host memory)"
                 if recipe.dpo is not None and recipe.dpo.reference == "precompute"
@@ -329,35 +405,72 @@ def estimate(
     )
 
 
+# Which decoder linears read the same tensor: every adapter on one of them can share it (without dropout).
+_ATTENTION_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv"}
+_MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"}
+_MLP_OUT = {"down_proj", "fc2", "w2"}
+_ATTENTION_OUT = {"o_proj", "out_proj", "dense"}
+
+
 def _layer_bytes_per_token(
-    arch: Architecture, dropout: bool, shapes: list[tuple[int, int]], r: int, a: int
-) -> int:
-    """Bytes one decoder layer saves for backward, per token (Llama-style: two RMSNorms, rotary attention,
-    a gated MLP; other families are close to it)."""
+    arch: Architecture, lora: LoraSpec, dtype: str, r: int, dropout: bool, masked: bool
+) -> float:
+    """Bytes one decoder layer saves for backward, per token, counted tensor by tensor for a Llama-style
+    layer (other families are close to it). bitsandbytes' 4-bit matmul keeps no input (the weight is
+    frozen), so only LoRA, the norms, attention and the MLP's nonlinearity keep anything. Matches the bytes
+    torch.autograd.graph.saved_tensors_hooks sees per layer to within 0.1% on three Llama shapes, fp32 and
+    bf16, with and without dropout."""
+    a = DTYPE_BYTES[dtype]
     h, i = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    # Fitted to the per-layer growth of measured peaks on CPU (plan_accuracy.py varies layers at fixed
-    # width): the residual stream, both norms' outputs, query/key/value with their rotations, the attention
-    # output, and the gated MLP's four intermediate tensors, plus the gradients alive at the peak.
-    elems = 2.9 * (h + q) + 2.35 * kv + 4.3 * i
-    size = elems * a
-    if a < 4:
-        size += 2 * h * 4  # RMSNorm upcasts its input to fp32 and keeps it
     layers = max(arch.layers, 1)
+    # RMSNorm keeps its input in fp32 (an upcast copy in bf16; in fp32, the residual itself) and its rsqrt.
+    size = arch.norms_per_layer * (4 * h + 4)
+    # Attention keeps the rotated query, key and value and its output (sdpa; eager adds its scores
+    # separately); with a mask the key and value are repeated to every query head first. sdpa also keeps
+    # the logsumexp of each head, in fp32.
+    kv_kept = q if masked or arch.kv_heads == arch.heads else kv
+    size += a * (2 * q + 2 * kv_kept) + 4 * arch.heads
+    # The gated MLP keeps the gate and up outputs and the activated gate (the product is only kept below,
+    # for an adapter on the down projection).
+    size += 3 * a * i
+    adapted = _adapted(arch, lora)
+    inputs = sum(i_f for shapes in adapted.values() for i_f, _ in shapes) / layers
+    count = sum(len(shapes) for shapes in adapted.values()) / layers
+    if dtype == "fp16":
+        # tune_lora_layers keeps peft's fp32 path for fp16: each adapter multiplies an fp32 copy of its input.
+        size += inputs * (4 + (1 if dropout else 0)) + r * count * 4
+        return size
+    # lora_B keeps lora_A's output.
+    size += r * count * a
     if dropout:
-        # Each adapter keeps its own dropped-out copy of its input and the mask (not shared with the base).
-        inputs = sum(i_f for i_f, _ in shapes) / layers
-        size += inputs * (a + 1) + 0.9 * (h + q) * a
-    size += r * len(shapes) / layers * a  # lora_A's output, kept for lora_B
-    size += arch.heads * 4  # attention's logsumexp
-    return int(size)
+        # Each adapter keeps its own dropped-out input (for lora_A) and the dropout's bool mask.
+        return size + inputs * (a + 1)
+    # Without dropout lora_A keeps its input, which is what its base layer read: one norm output shared by
+    # the attention's input projections, one by the MLP's, the MLP product for the down projection, and the
+    # attention output (already kept by attention) for the output projection. Unknown names: their own.
+    names = set(adapted)
+    size += a * h * (bool(names & _ATTENTION_IN) + bool(names & _MLP_IN)) + a * i * bool(names & _MLP_OUT)
+    known = _ATTENTION_IN | _MLP_IN | _MLP_OUT | _ATTENTION_OUT
+    size += (
+        a * sum(i_f for name, shapes in adapted.items() if name not in known for i_f, _ in shapes) / layers
+    )
+    return size
 
 
-def _attention_scores_bytes(arch: Architecture, model: ModelSpec, rows: int, seq: int, a: int) -> int:
-    if model.attn_implementation != "eager":
+def _takes_pair_rows(arch: Architecture, attn: str, lengths: Lengths, max_len: int) -> bool:
+    """dpo.takes_pair_rows from the recipe: the one-row pair layout needs a custom mask over the whole row."""
+    if attn not in ("sdpa", "eager"):
+        return False
+    row = lengths.longest_pair or 2 * max_len
+    return arch.sliding_window is None or arch.sliding_window >= row
+
+
+def _attention_scores_bytes(arch: Architecture, attn: str, rows: int, seq: int, a: int) -> int:
+    if attn != "eager":
         return 0  # sdpa and flash attention never materialize the scores
-    # Eager attention keeps the softmax output in fp32 and its cast to the compute dtype.
-    return rows * arch.heads * seq * seq * (4 + a)
+    # Eager attention keeps the softmax output in fp32 and, below fp32, its cast to the compute dtype.
+    return rows * arch.heads * seq * seq * (4 + (a if a < 4 else 0))
 
 
 def _has_start_adapter(recipe: Recipe) -> bool:
@@ -415,6 +528,10 @@ def suggest(
     return [], "nothing fits: the base model alone is too large for this memory"
 
 
+# The share of the free memory an `auto` setting may plan to use.
+AUTO_SHARE = 0.85
+
+
 def resolve_auto(
     arch: Architecture,
     recipe: Recipe,
@@ -426,9 +543,9 @@ def resolve_auto(
 ) -> list[str]:
     """Replace `auto` in the stage's gradient_checkpointing and batch_size, in place; returns what was decided.
 
-    gradient_checkpointing: off when the plan fits `limit` without it (at the recipe's batch size, or 1 when
+    gradient_checkpointing: off when the plan fits 85% of `limit` without it (at the recipe's batch size, or 1 when
     that is auto too), else on. batch_size: the largest power of two, up to 64 on a GPU and 8 on a CPU (where
-    bigger batches barely speed anything up), whose plan fits. Without a limit: checkpointing on, batch 4.
+    bigger batches barely speed anything up), whose plan fits 85% of it. Without a limit: checkpointing on, batch 4.
     Values in `earlier` (what a checkpoint was trained with) win, so a resumed run stays exact."""
     spec: TrainSpec = getattr(recipe, stage)
     earlier = earlier or {}
@@ -437,7 +554,8 @@ def resolve_auto(
     def fits(**options: object) -> bool:
         if limit is None:
             return False
-        return bool(estimate(arch, recipe, stage, lengths, target, limit, **options).fits)
+        # Headroom: the plan is within ~15% on a CPU, and the free memory can shrink while the run goes on.
+        return estimate(arch, recipe, stage, lengths, target, **options).total_bytes <= AUTO_SHARE * limit
 
     decided = []
     if spec.gradient_checkpointing == "auto":
@@ -460,6 +578,7 @@ def resolve_auto(
 
 def plan_recipe(recipe: Recipe, stage: str, limit: int | None, progress: object) -> tuple[Plan, list[str]]:
     """`qalign plan`: the plan of one stage, its `auto` values resolved and its suggestions filled in."""
+    from qalign.architectures import known_config
     from qalign.model import load_tokenizer
 
     config, source = load_config(recipe.model)
@@ -470,7 +589,10 @@ def plan_recipe(recipe: Recipe, stage: str, limit: int | None, progress: object)
     try:
         from qalign.runner import load_stage_data
 
-        tokenizer = load_tokenizer(recipe.model, progress.warn)  # type: ignore[attr-defined]
+        # As with the config: for an id the table knows, only a tokenizer already on disk is used, so an
+        # offline plan answers at once (from max_length) instead of waiting out the hub client's retries.
+        offline = known_config(recipe.model.base) is not None
+        tokenizer = load_tokenizer(recipe.model, progress.warn, local_files_only=offline)  # type: ignore[attr-defined]
         train, _ = load_stage_data(recipe, stage, tokenizer, progress)  # type: ignore[arg-type]
         lengths = lengths_of(train, stage)
     except UserError as exc:
@@ -509,22 +631,38 @@ def available_ram() -> int:
 
 def lengths_of(examples: list, stage: str) -> Lengths:
     """Length statistics of tokenized examples (SftExample or DpoExample)."""
-    from qalign.chat_template import IGNORE
-
     if not examples:
         return Lengths()
+    pairs: list[tuple[int, int]] = []
     if stage == "dpo":
+        from qalign.dpo import shared_prefix
+
         sides = [(e.chosen_ids, e.chosen_labels) for e in examples] + [
             (e.rejected_ids, e.rejected_labels) for e in examples
         ]
         lengths = [max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples]
+        # collate_dpo's row: the shared prefix once, then the rest of both sides; both sides trained.
+        pairs = [
+            (
+                len(e.chosen_ids) + len(e.rejected_ids) - shared_prefix(e),
+                _trained(e.chosen_labels) + _trained(e.rejected_labels),
+            )
+            for e in examples
+        ]
     else:
         sides = [(e.input_ids, e.labels) for e in examples]
         lengths = [len(e.input_ids) for e in examples]
-    trained = max(sum(1 for label in labels[1:] if label != IGNORE) for _, labels in sides)
     return Lengths(
         longest=max(lengths),
-        longest_trained=trained,
+        longest_trained=max(_trained(labels) for _, labels in sides),
+        longest_pair=max((row for row, _ in pairs), default=None),
+        longest_pair_trained=max((trained for _, trained in pairs), default=None),
         lengths=lengths,
         note=f"the longest of {len(examples)} examples",
     )
+
+
+def _trained(labels: list[int]) -> int:
+    from qalign.chat_template import IGNORE
+
+    return sum(1 for label in labels[1:] if label != IGNORE)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
+from conftest import add_dpo, write_recipe
 from test_cli_sft import metrics, qalign
 
 from qalign import memory
 from qalign.errors import UserError
-from qalign.model import attach_lora, footprint_bytes, load_base
+from qalign.model import attach_lora, cpu_has_native_bf16, footprint_bytes, load_base
 from qalign.recipe import LoraSpec, ModelSpec, load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -51,13 +51,36 @@ def test_quantized_storage_of_one_layer_by_hand():
 
 
 @pytest.mark.parametrize(
-    "case", plan_accuracy.FAST_CASES, ids=lambda c: f"{c.name}-{c.stage}-ckpt{c.checkpointing}"
+    "case", plan_accuracy.FAST_CASES, ids=lambda c: f"{c.name}-{c.stage}-{c.dtype}-ckpt{c.checkpointing}"
 )
 def test_predicted_peak_is_within_15_percent_of_the_measured_one(tmp_path, case):
+    if case.dtype == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("bf16 is emulated on this CPU (and not what compute_dtype: auto picks here)")
     model = plan_accuracy.build_model(case, tmp_path / "model")
     recipe = plan_accuracy.recipe_for(case, model, tmp_path / "run")
     predicted, measured = plan_accuracy.predict(case, recipe), plan_accuracy.measure(case, recipe)
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_dpo_plans_one_row_per_pair_unless_the_attention_cannot_take_it(tiny_model, tmp_path):
+    from qalign.dpo import DpoExample
+
+    # A 10-token prompt, then 6 chosen and 4 rejected tokens: one row of 20, 6 + 4 trained positions.
+    prompt = list(range(3, 13))
+    chosen, rejected = prompt + [20] * 6, prompt + [30] * 4
+    example = DpoExample(chosen, [-100] * 10 + [20] * 6, rejected, [-100] * 10 + [30] * 4, "x", prompt)
+    lengths = memory.lengths_of([example], "dpo")
+    assert (lengths.longest, lengths.longest_trained) == (16, 6)
+    assert (lengths.longest_pair, lengths.longest_pair_trained) == (20, 10)
+
+    recipe = load_recipe(add_dpo(write_recipe(tmp_path, tiny_model("llama")), batch_size=2))
+    config, source = memory.load_config(recipe.model)
+    arch = memory.describe(config, recipe.model, source)
+    plan = memory.estimate(arch, recipe, "dpo", lengths, "cpu")
+    assert (plan.rows, plan.seq_len, plan.trained_positions) == (2, 20, 2 * 10)
+    recipe.model.attn_implementation = "flash_attention_2"
+    plan = memory.estimate(arch, recipe, "dpo", lengths, "cpu")
+    assert (plan.rows, plan.seq_len, plan.trained_positions) == (4, 16, 4 * 6)
 
 
 def test_checkpointing_and_dpo_change_the_plan_as_they_should(tiny_model, tmp_path):
