@@ -21,15 +21,41 @@ def test_uniform_dropout_drops_p_and_rescales_the_rest():
     x.requires_grad_(True)
     dropout = UniformDropout(p=0.1).train()
     y = dropout(x)
-    dropped = (y == 0).float().mean().item()
-    assert dropped == pytest.approx(0.1, abs=0.002)  # 1e6 draws: the standard error is 3e-4
-    kept = y != 0
-    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    dropped = y == 0
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.002)  # 1e6 draws: standard error 3e-4
+    # Each 64-bit draw feeds four neighbouring elements: every lane must drop at the same rate.
+    lanes = dropped.reshape(-1, 4).float().mean(0)
+    torch.testing.assert_close(lanes, torch.full((4,), 0.1), atol=0.004, rtol=0)
+    # p is rounded up to a multiple of 2^-16, and the kept values are rescaled by that p.
+    scale = 65536 / (65536 - 6554)
+    kept = ~dropped
+    torch.testing.assert_close(y[kept], x[kept] * scale)
     y.sum().backward()
     # d(sum)/dx is the mask times the scale: 0 where dropped, 1/(1-p) where kept.
-    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    torch.testing.assert_close(x.grad, kept.float() * scale)
     assert dropout.eval()(x) is x
     assert UniformDropout(p=0.0).train()(x) is x
+
+
+def test_uniform_dropout_replays_the_same_mask_under_gradient_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = torch.nn.Linear(32, 32)
+    dropout = UniformDropout(p=0.3).train()
+    x = torch.randn(8, 32)
+
+    def block(inp: torch.Tensor) -> torch.Tensor:
+        return layer(dropout(inp)).relu().sum()
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(3)
+        inp = x.clone().requires_grad_(True)
+        out = checkpoint(block, inp, use_reentrant=False) if checkpointed else block(inp)
+        out.backward()
+        grads.append(inp.grad)
+    # The recomputed forward must draw the very mask the first forward drew, or the gradient is wrong.
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_uniform_dropout_is_reproducible_under_a_seed_and_swapped_in_for_nn_dropout(tiny_model):
@@ -39,6 +65,9 @@ def test_uniform_dropout_is_reproducible_under_a_seed_and_swapped_in_for_nn_drop
         torch.manual_seed(7)
         masks.append(UniformDropout(p=0.3).train()(x))
     assert torch.equal(masks[0], masks[1])
+    # An odd element count (not a whole number of 64-bit draws) and a 3-d activation.
+    odd = UniformDropout(p=0.5).train()(torch.ones(3, 5, 7))
+    assert odd.shape == (3, 5, 7) and 0 < (odd == 0).sum() < odd.numel()
 
     spec = ModelSpec(base=str(tiny_model("llama")), compute_dtype="fp32")
     model = attach_lora(load_base(spec, CPU), LoraSpec(r=4, alpha=8, dropout=0.1), False)
