@@ -14,6 +14,7 @@ from qalign import __version__
 from qalign.checkpoint import CheckpointManager, atomic_write_text
 from qalign.data import DataReport, read_rows
 from qalign.errors import UserError
+from qalign.host_allocator import keep_freed_buffers
 from qalign.lora import tune_lora_layers
 from qalign.model import (
     attach_lora,
@@ -195,6 +196,8 @@ class StageRun:
         # Seeded before the adapter exists: LoRA's initial weights come from the global RNG.
         set_seed(self.recipe.seed)
         self.device = pick_device()
+        if self.device.type == "cpu":
+            keep_freed_buffers()
         self.dtype = compute_dtype(self.recipe.model.compute_dtype, self.device)
         base = load_base(self.recipe.model, self.device)
         self.progress.info(
