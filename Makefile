@@ -34,7 +34,7 @@ demo-assets: install
 	$(BIN)/python scripts/demo_task.py
 	$(BIN)/python scripts/build_demo_model.py
 
-# qalign against TRL on the same machine (about 15 minutes on 2 CPU cores); writes benchmarks/RESULTS.md.
+# qalign against TRL on the same machine (about 16 minutes on 2 CPU cores); writes benchmarks/RESULTS.md.
 # The bench extra installs without touching torch: the installed version is pinned for pip's resolver.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"

@@ -35,6 +35,13 @@ LEVER_RUNS = [
     ("shared-prompt", "dpo", ["--lever", "shared-prompt"]),
     ("concat-forward", "dpo", ["--lever", "concat-forward"]),
     ("precompute-reference", "dpo", ["--set", "dpo.reference=live"]),
+    ("uniform-dropout", "sft", ["--lever", "uniform-dropout"]),
+    ("bf16-adapters", "sft", ["--lever", "bf16-adapters"]),
+    ("bf16-adapters", "dpo", ["--lever", "bf16-adapters"]),
+    ("compute-dtype", "sft", ["--set", "model.compute_dtype=fp32"]),
+    ("compute-dtype", "dpo", ["--set", "model.compute_dtype=fp32"]),
+    ("host-allocator", "sft", ["--lever", "host-allocator"]),
+    ("host-allocator", "dpo", ["--lever", "host-allocator"]),
 ]
 
 
@@ -44,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stages", nargs="+", choices=("sft", "dpo"), default=["sft", "dpo"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=1)

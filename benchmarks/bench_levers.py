@@ -13,6 +13,12 @@ LEVERS = {
     "shared-prompt": "DPO prompt computed once per pair, chosen and rejected in one row (off: a row each, one pass)",
     "concat-forward": "chosen and rejected in one forward pass (off: a row each and one pass for each side; "
     "against the row above, this lever alone)",
+    "uniform-dropout": "LoRA dropout: mask from 16-bit lanes of 64-bit draws, applied by masked_fill, bool mask "
+    "kept (off: nn.Dropout's Bernoulli sampler and float mask)",
+    "bf16-adapters": "with a bf16 base, adapters multiply in bf16 from fp32 weights (off: peft casts every "
+    "adapter's input to fp32)",
+    "host-allocator": "glibc keeps freed buffers for the next step (off: large buffers are mmapped afresh and "
+    "page-faulted in every step)",
 }
 
 
@@ -34,7 +40,22 @@ def apply_levers(off: list[str]) -> None:
     unknown = sorted(set(off) - set(LEVERS))
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; known: {sorted(LEVERS)}")
-    from qalign import dpo, reference, sft
+    from qalign import dpo, reference, runner, sft
+    from qalign.lora import UniformDropout
+
+    if "host-allocator" in off:
+        runner.keep_freed_buffers = lambda: False
+    tune = runner.tune_lora_layers
+    if "uniform-dropout" in off or "bf16-adapters" in off:
+
+        def partly_tuned(model: torch.nn.Module, dtype: torch.dtype) -> None:
+            tune(model, torch.float32 if "bf16-adapters" in off else dtype)
+            if "uniform-dropout" in off:
+                for module in model.modules():
+                    if type(module) is UniformDropout:
+                        module.__class__ = torch.nn.Dropout
+
+        runner.tune_lora_layers = partly_tuned
 
     if "selective-head" in off:
         sft.label_logprobs = full_logits_logprobs

@@ -50,6 +50,7 @@ def write_recipe(args: argparse.Namespace) -> dict:
 
 def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
     from qalign import reference, runner
+    from qalign.model import compute_dtype, pick_device
     from qalign.progress import Progress
     from qalign.recipe import load_recipe
     from qalign.train import Trainer
@@ -87,7 +88,7 @@ def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
     spec = getattr(recipe, args.stage)
     settings = {
         "gradient_checkpointing": spec.gradient_checkpointing,
-        "compute_dtype": recipe.model.compute_dtype,
+        "compute_dtype": f"{recipe.model.compute_dtype} ({str(compute_dtype(recipe.model.compute_dtype, pick_device())).removeprefix('torch.')})",
         "lora_dropout": recipe_dict["lora"]["dropout"]
         if args.stage == "sft"
         else "0 (qalign turns dropout off in DPO)",

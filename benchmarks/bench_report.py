@@ -36,6 +36,7 @@ LEVER_TEXT = {
     **LEVERS,
     "precompute-reference": "reference log-probs precomputed once per dataset (off: dpo.reference=live, every step)",
     "gradient-checkpointing": "gradient checkpointing (off: gc-off); a memory lever, not a speed one",
+    "compute-dtype": "compute dtype auto, bf16 on this CPU (off: model.compute_dtype=fp32)",
 }
 
 
@@ -136,6 +137,9 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
     rows = comparisons(summary, args)
     device = next(iter(summary.values()))["device"]
     memory = next(iter(summary.values()))["memory"]
+    # bench_qalign reports e.g. "auto (bfloat16)"; both tools run in that dtype.
+    resolved = rows[0]["qalign"]["settings"].get("compute_dtype", "?") if rows else "?"
+    dtype = resolved[resolved.find("(") + 1 : -1] if "(" in resolved else resolved
     lines = [
         "# qalign vs TRL: throughput and peak memory",
         "",
@@ -147,8 +151,9 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
         f"- Python {info['python']}, " + ", ".join(f"{name} {info[name]}" for name in PACKAGES),
         f"- Model: random-weight {model['architecture']} `{model['name']}`, {model['parameters'] / 1e6:.1f}M "
         f"parameters ({model['non_embedding'] / 1e6:.1f}M without the input embeddings), NF4 4-bit with double "
-        "quantization, compute in fp32 on a CPU (bf16 on a GPU that has it); LoRA r=16, alpha 32, on every linear "
-        "layer but the LM head",
+        f"quantization, compute in {dtype} for both tools (what qalign's `compute_dtype: auto` picks here: bf16 "
+        "on a GPU or CPU that multiplies bf16 natively, else fp32); LoRA r=16, alpha 32, on every linear layer but "
+        "the LM head",
         f"- Workload: {args.steps} optimizer steps of batch {args.batch_size} x grad_accum {args.grad_accum}, "
         f"AdamW (torch), lr 1e-4, linear schedule; one epoch of generated data, every example "
         f"{rows[0]['qalign']['step_tokens'] // (args.batch_size * args.grad_accum * (2 if rows[0]['stage'] == 'dpo' else 1)) if rows else '?'}"

@@ -40,12 +40,14 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    from qalign.model import compute_dtype
+
     lines = (args.data / f"{args.stage}.jsonl").read_text(encoding="utf-8").splitlines()
     dataset = Dataset.from_list([conversational(args.stage, json.loads(line)) for line in lines])
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cuda = torch.cuda.is_available()
-    # The same compute dtype qalign picks: bf16 on a GPU that has it, fp32 on a CPU.
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    # The compute dtype qalign picks: bf16 on a GPU or a CPU that has it, else fp32.
+    dtype = compute_dtype("auto", torch.device("cuda" if cuda else "cpu"))
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
         quantization_config=BitsAndBytesConfig(
@@ -78,10 +80,13 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim="adamw_torch",
-        # TRL defaults to bf16 autocast even on a CPU; the compute dtype is part of the workload, not a setting
-        # being compared, so both tools run it in qalign's (fp32 on a CPU, bf16 on a GPU that has it).
+        # The compute dtype is part of the workload, not a setting being compared: both tools run in the one
+        # qalign's `auto` picks (bf16 on a GPU or a CPU with native bf16, else fp32). TRL's own default is bf16
+        # autocast, which on a CPU needs use_cpu.
         bf16=dtype == torch.bfloat16,
         fp16=False,
+        # transformers refuses bf16 without a GPU unless told the CPU is meant.
+        use_cpu=not cuda,
         max_length=args.max_length,
         save_strategy="no",
         report_to="none",
@@ -122,6 +127,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
     settings = {
         "gradient_checkpointing": config.gradient_checkpointing,
         "bf16": config.bf16,
+        "compute_dtype": str(dtype).removeprefix("torch."),
         "padding_free": config.padding_free,
         "optim": config.optim,
         "lora_dropout": LORA["dropout"],
