@@ -220,7 +220,11 @@ class StageRun:
         dumped = self.recipe.model_dump(mode="json")
         section = {k: v for k, v in dumped[self.name].items() if k not in BOOKKEEPING}
         section["data"] = {k: v for k, v in section["data"].items() if not k.startswith("eval")}
-        return {"seed": dumped["seed"], "model": dumped["model"], "lora": dumped["lora"], self.name: section}
+        model = dict(dumped["model"])
+        # `auto` resolves per machine (bf16 on a CPU with native bf16, fp32 on another): a resume elsewhere must
+        # not silently continue in another precision.
+        model["resolved_compute_dtype"] = str(self.dtype).removeprefix("torch.")
+        return {"seed": dumped["seed"], "model": model, "lora": dumped["lora"], self.name: section}
 
     def train(self, stage: Stage, model: torch.nn.Module) -> Path:
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "no")

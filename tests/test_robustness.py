@@ -84,6 +84,27 @@ def test_resume_with_a_changed_recipe_is_refused_then_forced(tmp_path, tiny_mode
     assert "despite changes" in forced.stderr
 
 
+def test_resume_refuses_a_checkpoint_trained_in_another_resolved_dtype(tmp_path, tiny_model):
+    import json
+    import shutil
+
+    # compute_dtype: auto resolves per machine; fake a checkpoint from a machine where it resolved elsewhere.
+    recipe = write_recipe(tmp_path, tiny_model("llama"), max_steps=2)
+    assert qalign("sft", str(recipe), cwd=tmp_path).returncode == 0
+    stage = tmp_path / "runs" / "tiny" / "sft"
+    shutil.rmtree(stage / "adapter")
+    state_file = next((stage / "checkpoints").glob("step-*")) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    here = state["identity"]["model"]["resolved_compute_dtype"]
+    assert here in ("float32", "bfloat16")
+    other = "float16"
+    state["identity"]["model"]["resolved_compute_dtype"] = other
+    state_file.write_text(json.dumps(state))
+    refused = qalign("sft", str(recipe), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert f"model.resolved_compute_dtype: '{other}' -> '{here}'" in refused.stderr
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
     # An absurd learning rate: step 1 is finite, the weights then overflow and step 2's loss is not.
     recipe = write_recipe(tmp_path, tiny_model("llama"), max_steps=6, save_every=1, lr=1e30, eval_every=0)
