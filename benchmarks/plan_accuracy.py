@@ -107,7 +107,8 @@ def recipe_for(case: Case, model: Path, out: Path):
 
 
 def predict(case: Case, recipe) -> int:
-    from qalign.memory import describe, estimate, lengths_of, load_config
+    from qalign.memory import estimate, lengths_of
+    from qalign.model_shapes import describe, load_config
 
     config, source = load_config(recipe.model)
     arch = describe(config, recipe.model, source)

@@ -143,14 +143,14 @@ class StageRun:
     def plan_memory(self, examples: list) -> None:
         """Resolve `auto` memory settings against the free memory, and print the plan's total. On resume, an
         `auto` takes the value the checkpoint was trained with, so the run continues exactly as it started."""
-        from qalign import memory
+        from qalign import memory, model_shapes
 
         device = pick_device()
         spec, earlier = self.spec, self._checkpointed_section()
         self.plan_total: int | None = None
         try:
-            config, source = memory.load_config(self.recipe.model)
-            arch = memory.describe(config, self.recipe.model, source)
+            config, source = model_shapes.load_config(self.recipe.model)
+            arch = model_shapes.describe(config, self.recipe.model, source)
         except (UserError, ValueError, ImportError) as exc:
             # Training can still go ahead without a plan; `auto` then takes the schema's defaults.
             self.progress.warn(f"no memory plan: {exc}")

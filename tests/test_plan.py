@@ -12,7 +12,7 @@ import yaml
 from conftest import add_dpo, write_recipe
 from test_cli_sft import metrics, qalign
 
-from qalign import memory
+from qalign import memory, model_shapes
 from qalign.errors import UserError
 from qalign.model import attach_lora, cpu_has_native_bf16, footprint_bytes, load_base
 from qalign.recipe import LoraSpec, ModelSpec, load_recipe
@@ -22,8 +22,8 @@ import plan_accuracy
 
 
 def planned(recipe, stage: str = "sft", target: str = "cpu", limit: int | None = None) -> memory.Plan:
-    config, source = memory.load_config(recipe.model)
-    arch = memory.describe(config, recipe.model, source)
+    config, source = model_shapes.load_config(recipe.model)
+    arch = model_shapes.describe(config, recipe.model, source)
     return memory.estimate(arch, recipe, stage, memory.Lengths(longest=32, longest_trained=20), target, limit)
 
 
@@ -45,9 +45,9 @@ def test_parameter_parts_equal_the_real_tensors(tiny_model, tmp_path, arch, doub
 
 def test_quantized_storage_of_one_layer_by_hand():
     # 64 x 128 weights: 4096 bytes packed, 128 blocks of 64.
-    assert memory.quantized_bytes(64 * 128, double_quant=False) == (4096, 128 * 4 + 64)
+    assert model_shapes.quantized_bytes(64 * 128, double_quant=False) == (4096, 128 * 4 + 64)
     # Double quant: uint8 absmax (128) + fp32 offset (4) + one fp32 absmax per 256 blocks (4) + both codes.
-    assert memory.quantized_bytes(64 * 128, double_quant=True) == (4096, 128 + 4 + 4 + 64 + 1024)
+    assert model_shapes.quantized_bytes(64 * 128, double_quant=True) == (4096, 128 + 4 + 4 + 64 + 1024)
 
 
 @pytest.mark.parametrize(
@@ -74,8 +74,8 @@ def test_dpo_plans_one_row_per_pair_unless_the_attention_cannot_take_it(tiny_mod
     assert (lengths.longest_pair, lengths.longest_pair_trained) == (20, 10)
 
     recipe = load_recipe(add_dpo(write_recipe(tmp_path, tiny_model("llama")), batch_size=2))
-    config, source = memory.load_config(recipe.model)
-    arch = memory.describe(config, recipe.model, source)
+    config, source = model_shapes.load_config(recipe.model)
+    arch = model_shapes.describe(config, recipe.model, source)
     plan = memory.estimate(arch, recipe, "dpo", lengths, "cpu")
     assert (plan.rows, plan.seq_len, plan.trained_positions) == (2, 20, 2 * 10)
     recipe.model.attn_implementation = "flash_attention_2"
@@ -178,18 +178,18 @@ def test_a_run_records_its_plan_and_measured_peak_and_auto_resolves_once(tiny_mo
 
 def test_auto_takes_the_checkpointed_values_over_a_fresh_decision(tiny_model, tmp_path):
     path = write_recipe(tmp_path, tiny_model("llama"), gradient_checkpointing="auto", batch_size="auto")
-    config, source = memory.load_config(load_recipe(path).model)
+    config, source = model_shapes.load_config(load_recipe(path).model)
     lengths = memory.Lengths(longest=32, longest_trained=20)
 
     def resolved(limit: int, earlier: dict | None = None) -> tuple:
         recipe = load_recipe(path)
-        arch = memory.describe(config, recipe.model, source)
+        arch = model_shapes.describe(config, recipe.model, source)
         memory.resolve_auto(arch, recipe, "sft", lengths, "cpu", limit, earlier)
         return recipe.sft.gradient_checkpointing, recipe.sft.batch_size
 
     assert resolved(2**40) == (False, 8)
     recipe = load_recipe(path)
-    arch = memory.describe(config, recipe.model, source)
+    arch = model_shapes.describe(config, recipe.model, source)
     without = memory.estimate(arch, recipe, "sft", lengths, "cpu", batch_size=1, gradient_checkpointing=False)
     small = resolved(without.total_bytes - 1)
     assert small[0] is True and small[1] < 8
