@@ -430,17 +430,21 @@ def plan_recipe(recipe: Recipe, stage: str, limit: int | None, progress: object)
     target = "cuda" if limit is not None or torch.cuda.is_available() else "cpu"
     if limit is None and target == "cuda":
         limit = torch.cuda.mem_get_info()[0] + CUDA_CONTEXT
-    try:
-        from qalign.runner import load_stage_data
+    from qalign.runner import load_stage_data
 
-        # As with the config: for an id the table knows, only a tokenizer already on disk is used, so an
-        # offline plan answers at once (from max_length) instead of waiting out the hub client's retries.
-        offline = known_config(recipe.model.base) is not None
+    # As with the config: for an id the table knows, only a tokenizer already on disk is used, so an offline
+    # plan answers at once (from max_length) instead of waiting out the hub client's retries.
+    offline = known_config(recipe.model.base) is not None
+    try:
         tokenizer = load_tokenizer(recipe.model, progress.warn, local_files_only=offline)  # type: ignore[attr-defined]
         train, _ = load_stage_data(recipe, stage, tokenizer, progress)  # type: ignore[arg-type]
         lengths = lengths_of(train, stage)
     except UserError as exc:
-        lengths = Lengths(note=f"max_length: the data could not be read ({exc})")
+        if offline and "tokenizer" in str(exc):
+            why = f"the tokenizer of {recipe.model.base} is not on disk, so the data was not read"
+        else:
+            why = f"the data could not be read ({exc})"
+        lengths = Lengths(note=f"max_length: {why}")
     decided = resolve_auto(arch, recipe, stage, lengths, target, limit)
     plan = estimate(arch, recipe, stage, lengths, target, limit)
     plan.suggestions, plan.suggestion_note = suggest(arch, recipe, stage, lengths, plan)

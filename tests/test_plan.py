@@ -194,3 +194,29 @@ def test_auto_takes_the_checkpointed_values_over_a_fresh_decision(tiny_model, tm
     small = resolved(without.total_bytes - 1)
     assert small[0] is True and small[1] < 8
     assert resolved(without.total_bytes - 1, {"gradient_checkpointing": False, "batch_size": 8}) == (False, 8)
+
+
+def test_offline_plan_of_a_table_id_never_asks_the_network(tmp_path):
+    import os
+    import subprocess
+
+    from test_cli_sft import QALIGN
+
+    # No offline switch and an empty hub cache: the config comes from the built-in table and the tokenizer is
+    # not looked for online, so the plan answers at once instead of waiting out the hub client's retries.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "qwen2.5-0.5b-sft-dpo.yaml"
+    done = subprocess.run(
+        [*QALIGN, "plan", str(recipe), "--stage", "dpo", "--gpu-memory", "8GiB", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assumptions = " ".join(result["assumptions"])
+    assert "built-in table entry for Qwen/Qwen2.5-0.5B-Instruct" in assumptions
+    assert "tokenizer of Qwen/Qwen2.5-0.5B-Instruct is not on disk" in assumptions
+    assert result["sequence_length"] == 2048  # the recipe's max_length, as the note says
