@@ -187,12 +187,16 @@ def pair_attention(segments: torch.Tensor, length: int, dtype: torch.dtype) -> t
 
 
 def takes_pair_rows(config: object, length: int) -> bool:
-    """Whether the model can run collate_dpo's rows: they need an attention that honours a custom mask over the
-    whole row (sdpa or eager; not flash-attention, and no sliding window shorter than the row)."""
-    window = getattr(config, "sliding_window", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and (
-        window is None or window >= length
+    """Whether the model can run collate_dpo's rows of `length` tokens."""
+    return attention_takes_pair_rows(
+        getattr(config, "_attn_implementation", None), getattr(config, "sliding_window", None), length
     )
+
+
+def attention_takes_pair_rows(attention: str | None, sliding_window: int | None, length: int) -> bool:
+    """collate_dpo's rows need an attention that honours a custom mask over the whole row: sdpa or eager (not
+    flash-attention), and no sliding window shorter than the row. Also what the memory planner assumes."""
+    return attention in ("sdpa", "eager") and (sliding_window is None or sliding_window >= length)
 
 
 def split_pair_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qalign.chat_template import IGNORE
 from qalign.errors import UserError
 from qalign.logprobs import CHUNK_TOKENS
-from qalign.model_shapes import Architecture, describe, load_config, quantized_bytes
+from qalign.model_shapes import Architecture, describe, load_config, quantized_bytes, reads_disk_only
 from qalign.recipe import LoraSpec, Recipe, TrainSpec
 
 GiB = 2**30
@@ -303,11 +304,9 @@ def _layer_bytes_per_token(
 
 
 def _takes_pair_rows(arch: Architecture, attn: str, lengths: Lengths, max_len: int) -> bool:
-    """dpo.takes_pair_rows from the recipe: the one-row pair layout needs a custom mask over the whole row."""
-    if attn not in ("sdpa", "eager"):
-        return False
-    row = lengths.longest_pair or 2 * max_len
-    return arch.sliding_window is None or arch.sliding_window >= row
+    from qalign.dpo import attention_takes_pair_rows
+
+    return attention_takes_pair_rows(attn, arch.sliding_window, lengths.longest_pair or 2 * max_len)
 
 
 def _attention_scores_bytes(arch: Architecture, attn: str, rows: int, seq: int, a: int) -> int:
@@ -422,33 +421,39 @@ def resolve_auto(
 
 def plan_recipe(recipe: Recipe, stage: str, limit: int | None, progress: object) -> tuple[Plan, list[str]]:
     """`qalign plan`: the plan of one stage, its `auto` values resolved and its suggestions filled in."""
-    from qalign.architectures import known_config
-    from qalign.model import load_tokenizer
-
     config, source = load_config(recipe.model)
     arch = describe(config, recipe.model, source)
     target = "cuda" if limit is not None or torch.cuda.is_available() else "cpu"
     if limit is None and target == "cuda":
         limit = torch.cuda.mem_get_info()[0] + CUDA_CONTEXT
-    from qalign.runner import load_stage_data
-
-    # As with the config: for an id the table knows, only a tokenizer already on disk is used, so an offline
-    # plan answers at once (from max_length) instead of waiting out the hub client's retries.
-    offline = known_config(recipe.model.base) is not None
-    try:
-        tokenizer = load_tokenizer(recipe.model, progress.warn, local_files_only=offline)  # type: ignore[attr-defined]
-        train, _ = load_stage_data(recipe, stage, tokenizer, progress)  # type: ignore[arg-type]
-        lengths = lengths_of(train, stage)
-    except UserError as exc:
-        if offline and "tokenizer" in str(exc):
-            why = f"the tokenizer of {recipe.model.base} is not on disk, so the data was not read"
-        else:
-            why = f"the data could not be read ({exc})"
-        lengths = Lengths(note=f"max_length: {why}")
+    lengths = _data_lengths(recipe, stage, progress)
     decided = resolve_auto(arch, recipe, stage, lengths, target, limit)
     plan = estimate(arch, recipe, stage, lengths, target, limit)
     plan.suggestions, plan.suggestion_note = suggest(arch, recipe, stage, lengths, plan)
     return plan, decided
+
+
+def _data_lengths(recipe: Recipe, stage: str, progress: object) -> Lengths:
+    """The stage's data lengths, or a note on why the plan takes max_length instead."""
+    from qalign.model import load_tokenizer
+    from qalign.runner import load_stage_data
+
+    # As with the config, only a tokenizer already on disk is used for an id the table knows, so an offline
+    # plan answers at once instead of waiting out the hub client's retries.
+    disk_only = reads_disk_only(recipe.model)
+    try:
+        tokenizer = load_tokenizer(recipe.model, progress.warn, local_files_only=disk_only)  # type: ignore[attr-defined]
+    except UserError as exc:
+        if disk_only:
+            why = f"the tokenizer of {recipe.model.base} is not on disk, so the data was not read"
+        else:
+            why = f"the data could not be read ({exc})"
+        return Lengths(note=f"max_length: {why}")
+    try:
+        train, _ = load_stage_data(recipe, stage, tokenizer, progress)  # type: ignore[arg-type]
+    except UserError as exc:
+        return Lengths(note=f"max_length: the data could not be read ({exc})")
+    return lengths_of(train, stage)
 
 
 def parse_size(text: str) -> int:
@@ -511,6 +516,4 @@ def lengths_of(examples: list, stage: str) -> Lengths:
 
 
 def _trained(labels: list[int]) -> int:
-    from qalign.chat_template import IGNORE
-
     return sum(1 for label in labels[1:] if label != IGNORE)

@@ -47,6 +47,14 @@ class Architecture:
     source: str = ""
 
 
+def reads_disk_only(spec: ModelSpec) -> bool:
+    """For an id the built-in table knows, files on disk (a folder, the hub cache) are used and the network is
+    never asked: offline, the hub client retries for most of a minute before it gives up."""
+    from qalign.architectures import known_config
+
+    return known_config(spec.base) is not None
+
+
 def load_config(spec: ModelSpec) -> tuple[object, str]:
     """The model's config: a local folder, the hub cache, or the built-in table (offline). No weights."""
     from transformers import AutoConfig
@@ -63,9 +71,7 @@ def load_config(spec: ModelSpec) -> tuple[object, str]:
 
     known = known_config(spec.base)
     try:
-        # For an id the table knows, a config on disk (a folder, the hub cache) wins and the network is never
-        # asked: offline, the hub client retries for most of a minute before it gives up.
-        config = read(local_only=known is not None)
+        config = read(local_only=reads_disk_only(spec))
         return config, f"config of {spec.base}"
     except (OSError, ValueError) as exc:
         if known is None:
