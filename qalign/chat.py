@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 
-from qalign.errors import UserError
+from qalign.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from qalign.recipe import ModelSpec
@@ -20,9 +20,9 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
     """(model, tokenizer, description) for a recipe (+ stage), a merged model folder or an adapter folder."""
     from transformers import AutoModelForCausalLM
 
+    from qalign.layout import find_adapter
     from qalign.model import compute_dtype, load_base, load_tokenizer, pick_device
     from qalign.recipe import ModelSpec, load_recipe
-    from qalign.runner import find_adapter
 
     device = pick_device()
     if not target.exists():
@@ -42,7 +42,7 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
             str(adapter),
         )
     if (target / "adapter_config.json").is_file():
-        from qalign.merge import TrainedAs
+        from qalign.adapter import TrainedAs
 
         trained = TrainedAs.from_adapter(target)
         # Without qalign.json the dtype training used is unknown: let the device pick.
@@ -65,7 +65,7 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
             dtype = compute_dtype("auto", device)
             model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True).to(device)
         except Exception as exc:  # corrupt weights raise SafetensorError, unknown architectures KeyError...
-            raise UserError(f"{target}: cannot load the model: {_first_line(exc)}") from None
+            raise UserError(f"{target}: cannot load the model: {first_line(exc)}") from None
         return model, _tokenizer(target, warn), str(target)
     raise UserError(
         f"{target}: not a recipe (.yaml), a model folder (config.json) or an adapter (adapter_config.json)"
@@ -78,7 +78,7 @@ def _with_adapter(base: torch.nn.Module, adapter: Path) -> torch.nn.Module:
     try:
         return PeftModel.from_pretrained(base, str(adapter))
     except Exception as exc:  # an adapter for another base fails with a RuntimeError (size mismatch)
-        raise UserError(f"{adapter}: cannot load the adapter: {_first_line(exc)}") from None
+        raise UserError(f"{adapter}: cannot load the adapter: {first_line(exc)}") from None
 
 
 def _tokenizer(folder: Path, warn: Callable[[str], None], base: ModelSpec | None = None):
@@ -92,18 +92,13 @@ def _tokenizer(folder: Path, warn: Callable[[str], None], base: ModelSpec | None
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
         if base is None:
-            raise UserError(f"{folder}: cannot load the tokenizer: {_first_line(exc)}") from None
+            raise UserError(f"{folder}: cannot load the tokenizer: {first_line(exc)}") from None
         warn(f"{folder} holds no tokenizer; using the base's, whose chat template may differ from training")
         return load_tokenizer(base, warn)
     if not tokenizer.chat_template:
         warn(f"{folder} has no chat template; using ChatML")
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Cancelled:

@@ -1,211 +1,44 @@
-"""Crash-safe writing of files, folders and training checkpoints.
-
-Every write here goes to a temporary name in the destination folder, is fsynced, and is then renamed into
-place, so a crash, Ctrl-C or SIGKILL at any moment leaves either the old content or the new content, never a
-mix. Renames are only atomic within one filesystem, which is why temporaries always live beside their target.
+"""Training checkpoints: folders `step-<N>` that a crash at any moment leaves either complete or recognisably
+torn, the training state written into them (adapter, optimizer, scheduler, loss scaler, RNG), and its restore.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import operator
 import os
 import random
 import re
-import secrets
 import shutil
-import stat
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
-__all__ = [
-    "CheckpointManager",
-    "atomic_dir",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "capture_rng_state",
-    "fsync_dir",
-    "load_torch",
-    "restore_rng_state",
-    "save_torch",
-]
+from qalign.atomic import (
+    OLD_PREFIX,
+    TMP_PREFIX,
+    atomic_dir,
+    atomic_write_text,
+    atomic_write_with,
+    fsync_dir,
+    remove_path,
+    tmp_name,
+)
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = ".tmp-"
-# Folders moved aside while atomic_dir(replace=True) swaps in a new one. They get their own prefix because,
-# unlike `.tmp-*` leftovers, one of them may be the only copy of a checkpoint if the crash came between the
-# two renames, so CheckpointManager must put it back rather than delete it.
-OLD_PREFIX = ".old-"
 
 STATE_FILE = "trainer_state.json"
 POINTER_FILE = "latest"
 _STEP_RE = re.compile(r"step-(\d+)")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (creations, renames, deletions) durable.
-
-    A no-op on Windows, which cannot open directories, and on filesystems that reject fsync on them.
-    """
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some network and FUSE filesystems refuse fsync on directories; there is nothing better to do there.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    # Windows' fsync (_commit) needs a writable handle; POSIX is happy with a read-only one, which also
-    # works for files the caller made read-only.
-    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(name: str) -> str:
-    return f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
-
-
-def _makedirs_durable(path: Path) -> None:
-    """Create ``path`` and missing parents, fsyncing each new entry's parent so it survives a crash."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
-        # Another process winning the race leaves the folder we wanted anyway.
-        with contextlib.suppress(FileExistsError):
-            d.mkdir()
-        fsync_dir(d.parent)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, fill: Callable[[BinaryIO], None]) -> None:
-    path = Path(path)
-    _makedirs_durable(path.parent)
-    while True:
-        tmp = path.parent / _tmp_name(path.name)
-        try:
-            # os.open with 0o666 rather than mkstemp so the result gets umask permissions, not 0600.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers (and a crash) see either the old or the new content."""
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 variant of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_tree(root: Path) -> None:
-    # Bottom-up so each folder is fsynced after the entries inside it exist on disk.
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            p = Path(dirpath, name)
-            if stat.S_ISREG(os.lstat(p).st_mode):
-                _fsync_file(p)
-        fsync_dir(Path(dirpath))
-
-
-@contextmanager
-def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
-    """Build a folder under a temporary name and rename it to ``final`` only once it is complete and durable.
-
-    Yields a fresh hidden folder ``.tmp-<name>-<random>`` beside ``final``. If the body raises (including
-    KeyboardInterrupt) the temporary folder is removed and ``final`` is untouched. If ``final`` already
-    exists, ``replace=False`` raises FileExistsError (checked before the body runs and again before the
-    rename); ``replace=True`` moves the old folder aside to ``.old-<name>-<random>``, renames the new one in,
-    and only then deletes the old one.
-    """
-    final = Path(final)
-    parent = final.parent
-    if not replace and os.path.lexists(final):
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(final))
-    _makedirs_durable(parent)
-    tmp = parent / _tmp_name(final.name)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final, replace=replace)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, final: Path, *, replace: bool) -> None:
-    parent = final.parent
-    if not os.path.lexists(final):
-        # POSIX rename silently replaces an *empty* directory, so the existence check above is what enforces
-        # replace=False; the race with another writer is accepted (one trainer owns a run folder).
-        os.rename(tmp, final)
-        fsync_dir(parent)
-        return
-    if not replace:
-        raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(final))
-    aside = parent / f"{OLD_PREFIX}{final.name}-{secrets.token_hex(4)}"
-    os.rename(final, aside)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(aside, final)
-        raise
-    # The new folder must be durable under its final name before the only other copy disappears.
-    fsync_dir(parent)
-    try:
-        _remove(aside)
-        fsync_dir(parent)
-    except OSError as e:
-        # The new content is already in place; a leftover `.old-*` is tidied by CheckpointManager later.
-        log.warning("could not remove %s: %s", aside, e)
-
-
 def save_torch(obj: object, path: Path) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically. Keep ``obj`` to tensors and plain containers so that
     :func:`load_torch` can read it back with ``weights_only=True``."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def load_torch(path: Path) -> object:
@@ -276,7 +109,8 @@ def _manifest(folder: Path) -> dict[str, int]:
 
 
 class CheckpointManager:
-    """Checkpoints as folders ``root/step-<N>``, plus a ``root/latest`` pointer file naming the newest one.
+    """Checkpoints as folders ``root/step-<N>``, plus a ``root/latest`` file naming the newest one for people
+    (qalign itself finds the newest complete folder by scanning, which a crash cannot make stale).
 
     A checkpoint is complete when its ``trainer_state.json`` parses and every file listed in its manifest
     exists with the recorded size. One process is assumed to own ``root`` at a time.
@@ -327,7 +161,7 @@ class CheckpointManager:
                 continue
             # Rename first so that a crash mid-delete leaves a `.tmp-*` folder to clear, not a half-deleted
             # step-N that would be reported as torn on every resume.
-            doomed = self.root / _tmp_name(ckpt.name)
+            doomed = self.root / tmp_name(ckpt.name)
             os.rename(ckpt, doomed)
             fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
@@ -338,7 +172,7 @@ class CheckpointManager:
         for entry in self.root.iterdir():
             finished_swap = entry.name.startswith(OLD_PREFIX) and self._old_target(entry).exists()
             if entry.name.startswith(TMP_PREFIX) or finished_swap:
-                _remove(entry)
+                remove_path(entry)
         fsync_dir(self.root)
 
     def _old_target(self, aside: Path) -> Path:
@@ -415,27 +249,56 @@ class CheckpointManager:
                 self._report(f"skipping torn checkpoint {entry}: {problem}")
         return [p for _, p in sorted(found)]
 
-    def _pointer(self) -> Path | None:
-        try:
-            name = (self.root / POINTER_FILE).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            # Missing or unreadable: the scan of step-* folders in latest() finds the newest one anyway.
-            return None
-        # Only ever a bare `step-N`: the pointer must not be able to send resume anywhere else on disk.
-        return self.root / name if _STEP_RE.fullmatch(name) else None
-
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None.
-
-        The pointer is trusted when it names a complete checkpoint, but a complete one with a higher step
-        wins: the crash may have come after the folder rename and before the pointer update.
-        """
-        self._recover_swaps()
+        """The newest complete checkpoint, or None. Reads only: call recover() first (under the run's lock) to
+        put back a checkpoint that a crash left moved aside."""
         complete = self.complete()
-        if not complete:
-            return None
-        newest = complete[-1]
-        pointed = self._pointer()
-        if pointed is None or pointed not in complete:
-            return newest
-        return newest if _step_of(newest) > _step_of(pointed) else pointed
+        return complete[-1] if complete else None
+
+    def recover(self) -> None:
+        """Undo what a crash mid-save left behind: a checkpoint moved aside is put back, leftovers removed."""
+        if self.root.is_dir():
+            self._tidy()
+
+
+def save_training_state(
+    manager: CheckpointManager,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    state: dict,
+) -> Path:
+    """Checkpoint `step`: everything an exact resume needs, plus `state` in trainer_state.json."""
+
+    def write(folder: Path) -> None:
+        # Only the trained adapter: DPO's live reference is a frozen copy of the starting one.
+        model.save_pretrained(str(folder), selected_adapters=["default"])
+        save_torch(optimizer.state_dict(), folder / "optimizer.pt")
+        save_torch(scheduler.state_dict(), folder / "scheduler.pt")
+        save_torch(capture_rng_state(), folder / "rng.pt")
+        if scaler.is_enabled():
+            save_torch(scaler.state_dict(), folder / "scaler.pt")
+
+    return manager.save(step, write, state)
+
+
+def restore_training_state(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> dict:
+    """Load checkpoint `folder` into the objects save_training_state wrote it from; returns its state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
+    scheduler.load_state_dict(load_torch(folder / "scheduler.pt"))
+    if scaler.is_enabled() and (folder / "scaler.pt").exists():
+        scaler.load_state_dict(load_torch(folder / "scaler.pt"))
+    restore_rng_state(load_torch(folder / "rng.pt"))
+    return CheckpointManager.read_state(folder)

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,10 @@ from rich.markup import escape
 
 from qalign import __version__
 from qalign.errors import UserError
+
+if TYPE_CHECKING:
+    from qalign.progress import Progress
+    from qalign.recipe import Recipe
 
 app = typer.Typer(
     help="QLoRA fine-tuning (SFT, then DPO) of a 4-bit base model, driven by one YAML recipe.",
@@ -59,7 +63,7 @@ def _quiet_libraries() -> None:
 
 @contextmanager
 def _user_errors(on_interrupt: str = "the last complete checkpoint is kept") -> Iterator[None]:
-    from qalign.train import TrainingStopped
+    from qalign.errors import TrainingStopped
 
     try:
         yield
@@ -121,18 +125,43 @@ def _train(
                 f"{loaded.source}: the recipe has no {' or '.join(repr(s) for s in stages)} section"
             )
         _quiet_libraries()
-        from qalign.merge import run_merge
-        from qalign.runner import run_dpo, run_sft
+        from qalign.runner import RunOptions, run_stage
 
-        runners = {"sft": run_sft, "dpo": run_dpo}
+        # `qalign run` owns every stage: a DPO stage trained from an older SFT adapter is trained again.
+        options = RunOptions(resume, overwrite, force_resume, redo_on_new_start=len(stages) > 1)
         progress = Progress(console, err_console)
         for name in present:
             if len(present) > 1:
                 console.rule(f"[bold]{name}")
             if name == "merge":
-                run_merge(loaded, progress, overwrite=overwrite)
+                _merge_recipe(loaded, progress, overwrite=overwrite)
             else:
-                runners[name](loaded, progress, resume=resume, overwrite=overwrite, force_resume=force_resume)
+                run_stage(loaded, name, progress, options)
+
+
+def _merge_recipe(
+    recipe: Recipe,
+    progress: Progress,
+    stage: str | None = None,
+    out: Path | None = None,
+    dtype: str | None = None,
+    base_weights: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Merge a recipe's adapter, refusing a DPO adapter that no longer follows from the run's SFT adapter."""
+    from qalign.identity import stale_start
+    from qalign.layout import find_adapter
+    from qalign.merge import run_merge
+
+    if find_adapter(recipe, stage).parent.name == "dpo":
+        stale = stale_start(recipe)
+        if stale is not None:
+            raise UserError(
+                f"{stale}: exporting it would leave the sft training out. Train dpo again "
+                f"(qalign dpo {recipe.source} --no-resume --overwrite, or qalign run {recipe.source}), "
+                "or merge the sft adapter with --stage sft"
+            )
+    run_merge(recipe, progress, stage, out, dtype, base_weights, overwrite)
 
 
 @app.command()
@@ -212,16 +241,14 @@ def merge(
                 raise UserError("give either a recipe or --base/--adapter/--out, not both")
             loaded = load_recipe(recipe, set_)
             _quiet_libraries()
-            from qalign.merge import run_merge
-
-            run_merge(loaded, progress, stage, out, dtype, base_weights, overwrite)
+            _merge_recipe(loaded, progress, stage, out, dtype, base_weights, overwrite)
             return
         if adapter is None or out is None:
             raise UserError("qalign merge needs a recipe, or --adapter DIR --out DIR (and --base MODEL)")
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
         _quiet_libraries()
-        from qalign.merge import TrainedAs
+        from qalign.adapter import TrainedAs
         from qalign.merge import merge as merge_adapter
 
         trained = TrainedAs.from_adapter(adapter, base)
@@ -261,13 +288,14 @@ def validate(
         _quiet_libraries()
         from qalign.model import load_tokenizer
         from qalign.preview import show_example, write_dump
-        from qalign.runner import load_stage_data
+        from qalign.stage_data import load_stage_data
 
         progress = Progress(console, err_console)
         tokenizer = load_tokenizer(loaded.model, progress.warn)
         for index, name in enumerate(present):
             console.rule(f"[bold]{name}")
-            train, evals = load_stage_data(loaded, name, tokenizer, progress)
+            data = load_stage_data(loaded, name, tokenizer, progress)
+            train, evals = data.train, data.eval
             show_example(console, tokenizer, train[0])
             if dump is not None and index == 0:
                 write_dump(dump, [*train, *(evals or [])])
@@ -310,7 +338,10 @@ def plan(
         _quiet_libraries()
         # With --json, stdout carries the object alone: the data report goes to stderr.
         progress = Progress(err_console if as_json else console, err_console)
-        result, decided = plan_recipe(loaded, present[0], limit, progress)
+        from qalign.stage_data import planned_lengths
+
+        lengths = planned_lengths(loaded, present[0], progress)
+        result, decided = plan_recipe(loaded, present[0], limit, lengths)
         if as_json:
             sys.stdout.write(json.dumps(result.to_json()) + "\n")
             return

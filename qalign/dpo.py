@@ -4,7 +4,7 @@ the loss compares the policy's log-probs of both responses with the frozen start
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ from qalign.errors import UserError
 from qalign.logprobs import gathered_logprobs, label_logprobs
 from qalign.losses import dpo_loss
 from qalign.recipe import DpoSpec
+from qalign.train import Stage
 
 
 @dataclass
@@ -266,9 +267,9 @@ def reference_mode(model: torch.nn.Module, reference_adapter: str | None) -> Ite
 
 
 def reference_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], reference_adapter: str | None, live: bool
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], reference_adapter: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad(), reference_mode(model, reference_adapter) if live else nullcontext():
+    with torch.no_grad(), reference_mode(model, reference_adapter):
         return sequence_logprobs(model, batch)
 
 
@@ -283,7 +284,7 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
         else:
             # Before the policy pass: switching adapters changes requires_grad flags, which must not happen
             # under a graph that is still to be backpropagated.
-            reference, _ = reference_logprobs(model, batch, reference_adapter, live=True)
+            reference, _ = reference_logprobs(model, batch, reference_adapter)
         policy, counts = sequence_logprobs(model, batch)
         if spec.loss == "ipo":
             # IPO is defined on length-normalised log-probs.
@@ -310,3 +311,56 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
         return loss, metrics
 
     return step
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares the policy with its own frozen start: with dropout on, the two differ at step 0 by noise,
+    and the loss no longer starts at log 2."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def make_stage(context: object) -> Stage:
+    """The DPO stage: the frozen start is the reference, precomputed once per dataset (cached beside the run) or
+    computed live each step from a frozen copy of the starting adapter; the base is never loaded twice."""
+    from qalign.adapter import adapter_digest
+    from qalign.reference import attach_reference, cache_key
+    from qalign.stage_data import examples_hash
+
+    spec, model, start = context.spec, context.model, context.start
+    reference_adapter = None
+    if spec.reference == "live" and start is not None:
+        model.load_adapter(str(start), adapter_name="reference", is_trainable=False)
+        reference_adapter = "reference"
+    disable_dropout(model)
+    pad_id = context.tokenizer.pad_token_id
+    if spec.reference == "precompute":
+        model_spec = context.recipe.model
+        starting_point = {
+            "base": model_spec.base,
+            "revision": model_spec.revision,
+            "quantization": model_spec.quantization,
+            "double_quant": model_spec.double_quant,
+            "dtype": str(context.dtype),
+            "adapter": adapter_digest(start) if start is not None else None,
+        }
+        for label, examples in (("train", context.data.train), ("eval", context.data.eval)):
+            if examples:
+                key = cache_key(examples_hash(examples), starting_point)
+                cache = context.paths.reference / f"{label}-{key}.safetensors"
+                attach_reference(
+                    model, examples, cache, spec.batch_size, pad_id, context.device, context.progress, label
+                )
+    return Stage(
+        name="dpo",
+        spec=spec,
+        train=context.data.train,
+        eval=context.data.eval,
+        collate=lambda examples: collate_dpo(examples, pad_id),
+        step_loss=make_dpo_step(spec, reference_adapter),
+        weight=lambda example: 1,
+        show=("loss", "rewards/margin", "rewards/accuracy"),
+    )

@@ -18,7 +18,7 @@ import torch
 from qalign.chat_template import IGNORE
 from qalign.errors import UserError
 from qalign.logprobs import CHUNK_TOKENS
-from qalign.model_shapes import Architecture, describe, load_config, quantized_bytes, reads_disk_only
+from qalign.model_shapes import Architecture, describe, load_config, quantized_bytes
 from qalign.recipe import LoraSpec, Recipe, TrainSpec
 
 GiB = 2**30
@@ -118,11 +118,9 @@ def estimate(
     """Peak memory of one training step of `stage`; the keyword arguments stand in for recipe values."""
     spec: TrainSpec = getattr(recipe, stage)
     model = recipe.model
-    from qalign.model import cpu_has_native_bf16
+    from qalign.model import dtype_name
 
-    dtype = model.compute_dtype
-    if dtype == "auto":
-        dtype = "bf16" if target == "cuda" or cpu_has_native_bf16() else "fp32"
+    dtype = dtype_name(model.compute_dtype, target)
     a = DTYPE_BYTES[dtype]
     assumptions = [f"{arch.source}; compute dtype {dtype}"]
     batch = batch_size or (spec.batch_size if isinstance(spec.batch_size, int) else 1)
@@ -317,9 +315,9 @@ def _attention_scores_bytes(arch: Architecture, attn: str, rows: int, seq: int, 
 
 
 def _has_start_adapter(recipe: Recipe) -> bool:
-    if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
-        return True
-    return (recipe.out / "sft" / "adapter" / "adapter_config.json").exists()
+    from qalign.layout import starting_adapter
+
+    return recipe.dpo is not None and starting_adapter(recipe) is not None
 
 
 def suggest(
@@ -383,8 +381,8 @@ def resolve_auto(
     target: str,
     limit: int | None,
     earlier: dict | None = None,
-) -> list[str]:
-    """Replace `auto` in the stage's gradient_checkpointing and batch_size, in place; returns what was decided.
+) -> tuple[dict, list[str]]:
+    """Values for the stage's `auto` gradient_checkpointing and batch_size, and a line on each decision.
 
     gradient_checkpointing: off when the plan fits 85% of `limit` without it (at the recipe's batch size, or 1 when
     that is auto too), else on. batch_size: the largest power of two, up to 64 on a GPU and 8 on a CPU (where
@@ -400,60 +398,61 @@ def resolve_auto(
         # Headroom: the plan is within ~15% on a CPU, and the free memory can shrink while the run goes on.
         return estimate(arch, recipe, stage, lengths, target, **options).total_bytes <= AUTO_SHARE * limit
 
+    resolved: dict = {}
     decided = []
-    if spec.gradient_checkpointing == "auto":
-        value = earlier.get("gradient_checkpointing")
-        if not isinstance(value, bool):
+    checkpointing = spec.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = earlier.get("gradient_checkpointing")
+        if not isinstance(checkpointing, bool):
             trial = spec.batch_size if isinstance(spec.batch_size, int) else 1
-            value = limit is None or not fits(batch_size=trial, gradient_checkpointing=False)
-        spec.gradient_checkpointing = value
-        decided.append(f"{stage}.gradient_checkpointing auto -> {str(value).lower()}")
+            checkpointing = limit is None or not fits(batch_size=trial, gradient_checkpointing=False)
+        resolved["gradient_checkpointing"] = checkpointing
+        decided.append(f"{stage}.gradient_checkpointing auto -> {str(checkpointing).lower()}")
     if spec.batch_size == "auto":
         value = earlier.get("batch_size")
         if not isinstance(value, int):
             value = 4 if limit is None else 1
-            while limit is not None and value * 2 <= cap and fits(batch_size=value * 2):
+            while (
+                limit is not None
+                and value * 2 <= cap
+                and fits(batch_size=value * 2, gradient_checkpointing=checkpointing)
+            ):
                 value *= 2
-        spec.batch_size = value
+        resolved["batch_size"] = value
         decided.append(f"{stage}.batch_size auto -> {value}")
-    return decided
+    return resolved, decided
 
 
-def plan_recipe(recipe: Recipe, stage: str, limit: int | None, progress: object) -> tuple[Plan, list[str]]:
-    """`qalign plan`: the plan of one stage, its `auto` values resolved and its suggestions filled in."""
+def with_settings(recipe: Recipe, stage: str, settings: dict) -> Recipe:
+    """A copy of `recipe` whose `stage` section has `settings` (the validated recipe itself is never edited)."""
+    if not settings:
+        return recipe
+    spec = getattr(recipe, stage).model_copy(update=settings)
+    return recipe.model_copy(update={stage: spec})
+
+
+def free_memory(target: str) -> int:
+    """What a run on `target` may use: free GPU memory (with the CUDA context it will create) or available RAM.
+    The one rule for a run's `auto` settings and for `qalign plan`."""
+    if target == "cuda":
+        # mem_get_info creates the CUDA context, so what it reports free is already net of it.
+        return torch.cuda.mem_get_info()[0] + CUDA_CONTEXT
+    return available_ram()
+
+
+def plan_recipe(recipe: Recipe, stage: str, limit: int | None, lengths: Lengths) -> tuple[Plan, list[str]]:
+    """`qalign plan`: the plan of one stage for the data's `lengths`, its `auto` values resolved and its
+    suggestions filled in. Without a `limit`, the memory this machine has free, as a run would."""
     config, source = load_config(recipe.model)
     arch = describe(config, recipe.model, source)
     target = "cuda" if limit is not None or torch.cuda.is_available() else "cpu"
-    if limit is None and target == "cuda":
-        limit = torch.cuda.mem_get_info()[0] + CUDA_CONTEXT
-    lengths = _data_lengths(recipe, stage, progress)
-    decided = resolve_auto(arch, recipe, stage, lengths, target, limit)
+    if limit is None:
+        limit = free_memory(target)
+    resolved, decided = resolve_auto(arch, recipe, stage, lengths, target, limit)
+    recipe = with_settings(recipe, stage, resolved)
     plan = estimate(arch, recipe, stage, lengths, target, limit)
     plan.suggestions, plan.suggestion_note = suggest(arch, recipe, stage, lengths, plan)
     return plan, decided
-
-
-def _data_lengths(recipe: Recipe, stage: str, progress: object) -> Lengths:
-    """The stage's data lengths, or a note on why the plan takes max_length instead."""
-    from qalign.model import load_tokenizer
-    from qalign.runner import load_stage_data
-
-    # As with the config, only a tokenizer already on disk is used for an id the table knows, so an offline
-    # plan answers at once instead of waiting out the hub client's retries.
-    disk_only = reads_disk_only(recipe.model)
-    try:
-        tokenizer = load_tokenizer(recipe.model, progress.warn, local_files_only=disk_only)  # type: ignore[attr-defined]
-    except UserError as exc:
-        if disk_only:
-            why = f"the tokenizer of {recipe.model.base} is not on disk, so the data was not read"
-        else:
-            why = f"the data could not be read ({exc})"
-        return Lengths(note=f"max_length: {why}")
-    try:
-        train, _ = load_stage_data(recipe, stage, tokenizer, progress)  # type: ignore[arg-type]
-    except UserError as exc:
-        return Lengths(note=f"max_length: the data could not be read ({exc})")
-    return lengths_of(train, stage)
 
 
 def parse_size(text: str) -> int:
@@ -517,3 +516,23 @@ def lengths_of(examples: list, stage: str) -> Lengths:
 
 def _trained(labels: list[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE)
+
+
+def out_of_memory_advice(stage: str, spec: TrainSpec, step: int) -> str:
+    """What to change after running out of GPU memory at `step`, most result-preserving first."""
+    cuda = torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+    fixes = []
+    if not spec.gradient_checkpointing:
+        fixes.append(f"--set {stage}.gradient_checkpointing=true")
+    if spec.batch_size > 1:
+        fixes.append(
+            f"--set {stage}.batch_size={spec.batch_size // 2} --set {stage}.grad_accum={spec.grad_accum * 2} "
+            "(same effective batch)"
+        )
+    fixes.append(f"--set {stage}.max_length={max(64, spec.max_length // 2)}")
+    return (
+        f"out of GPU memory at step {step} (peak {peak:.1f} GiB allocated of {total:.1f} GiB); "
+        f"the last checkpoint is kept. Try: {'; or '.join(fixes)}"
+    )

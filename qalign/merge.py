@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qalign.checkpoint import atomic_dir, atomic_write_text
+from qalign.atomic import atomic_dir, atomic_write_text
 from qalign.errors import UserError
 from qalign.progress import Progress
 
@@ -334,8 +334,8 @@ def run_merge(
 ) -> Path:
     """`qalign merge RECIPE`: the last stage's adapter (or `stage`'s) into <output_dir>/merged/."""
     from qalign.data import read_rows, to_messages
+    from qalign.layout import find_adapter
     from qalign.recipe import MergeSpec
-    from qalign.runner import find_adapter
 
     spec = recipe.merge or MergeSpec()
     adapter = find_adapter(recipe, stage)

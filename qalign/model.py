@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qalign.chat_template import CHATML_TEMPLATE
-from qalign.errors import UserError
+from qalign.errors import UserError, first_line
 from qalign.recipe import LoraSpec, ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -23,11 +23,21 @@ def pick_device() -> torch.device:
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    return DTYPES[dtype_name(name, device.type)]
+
+
+def dtype_name(name: str, target: str) -> str:
+    """What `compute_dtype: auto` means on `target` ("cuda" or "cpu"): the one rule for training and planning.
+    On a GPU, bf16 where it is supported, else fp16 (T4, V100); a plan for a GPU this machine does not have
+    assumes bf16 (every NVIDIA card since the RTX 30 series). On a CPU, bf16 where it multiplies bf16 natively
+    (AVX512-BF16 or AMX; emulated bf16 is slower than fp32), else fp32."""
     if name != "auto":
-        return DTYPES[name]
-    if device.type != "cuda":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return name
+    if target == "cuda":
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            return "fp16"
+        return "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -51,7 +61,7 @@ def load_tokenizer(
         )
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"model.base: cannot load a tokenizer from '{spec.base}': {_first_line(exc)}"
+            f"model.base: cannot load a tokenizer from '{spec.base}': {first_line(exc)}"
         ) from None
     if spec.chat_template is not None:
         tokenizer.chat_template = Path(spec.chat_template).read_text(encoding="utf-8")
@@ -105,7 +115,7 @@ def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
         hint = ""
         if pickles and not spec.allow_pickle and not any(folder.glob("*.safetensors")):
             hint = " (this folder has only pickle weights: convert them to safetensors, or set model.allow_pickle: true)"
-        raise UserError(f"model.base: cannot load '{spec.base}': {_first_line(exc)}{hint}") from None
+        raise UserError(f"model.base: cannot load '{spec.base}': {first_line(exc)}{hint}") from None
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)
@@ -172,7 +182,7 @@ def attach_lora(
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
+        raise UserError(f"lora.target_modules: {first_line(exc)}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -210,8 +220,3 @@ def _quant_state_bytes(state: object) -> int:
             size += value.numel() * value.element_size()
     nested = getattr(state, "state2", None)
     return size + (_quant_state_bytes(nested) if nested is not None else 0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,8 +11,8 @@ from rich.panel import Panel
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
+from qalign.atomic import atomic_write_text
 from qalign.chat_template import IGNORE
-from qalign.checkpoint import atomic_write_text
 
 
 def show_example(console: Console, tokenizer: PreTrainedTokenizerBase, example: object) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from qalign.checkpoint import atomic_write_bytes
+from qalign.atomic import atomic_write_bytes
 from qalign.dpo import DpoExample, collate_dpo, sequence_logprobs
 from qalign.progress import Progress
 
@@ -24,15 +24,6 @@ from qalign.progress import Progress
 def cache_key(examples_digest: str, starting_point: dict) -> str:
     payload = json.dumps({"data": examples_digest, "start": starting_point}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def adapter_digest(adapter: Path | None) -> str | None:
-    if adapter is None:
-        return None
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update((adapter / name).read_bytes())
-    return digest.hexdigest()[:20]
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from qalign.data import DataReport, Row, detect_format, pad, to_messages
 from qalign.errors import UserError
 from qalign.logprobs import label_logprobs
 from qalign.losses import sft_loss
+from qalign.train import Stage
 
 
 @dataclass
@@ -84,3 +85,17 @@ def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) 
     logps, _ = label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     loss = sft_loss(logps, norm)
     return loss, {"loss": loss.detach()}
+
+
+def make_stage(context: object) -> Stage:
+    """The SFT stage: each example weighs its trained tokens, so a step's loss is the mean over them."""
+    pad_id = context.tokenizer.pad_token_id
+    return Stage(
+        name="sft",
+        spec=context.spec,
+        train=context.data.train,
+        eval=context.data.eval,
+        collate=lambda examples: collate_sft(examples, pad_id),
+        step_loss=sft_step,
+        weight=lambda example: example.weight,
+    )

@@ -1,44 +1,27 @@
-"""The one training loop every stage shares. A stage supplies its examples, a collate and a step loss;
-the loop owns order, accumulation, optimizer, schedule, checkpoints, resume, evaluation and logging."""
+"""The one training loop every stage shares. A stage supplies its examples, a collate and a step loss; the
+loop owns the data order, accumulation, mixed precision, optimizer and schedule, and when to evaluate, log and
+checkpoint (what a checkpoint holds is checkpoint.py's; what the run folder holds is layout.py's)."""
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase
 
-from qalign.checkpoint import (
-    CheckpointManager,
-    atomic_dir,
-    atomic_write_text,
-    capture_rng_state,
-    load_torch,
-    restore_rng_state,
-    save_torch,
-)
-from qalign.errors import UserError
+from qalign.atomic import atomic_write_text
+from qalign.checkpoint import CheckpointManager, restore_training_state, save_training_state
+from qalign.errors import TrainingStopped
+from qalign.layout import StagePaths
+from qalign.metrics import MetricsLog, mean_record
 from qalign.progress import Progress
 from qalign.recipe import TrainSpec
 
 StepLoss = Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict]]
-
-
-class TrainingStopped(Exception):
-    """The run stopped before the end on purpose (a signal, a non-finite loss); `code` is the exit status."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -55,10 +38,8 @@ class Stage:
     micro-batches sum to the step's means."""
     weight: Callable[[object], int]
     """An example's share of the normalizer (trained tokens for SFT)."""
-    data_hash: str = ""
     show: tuple[str, ...] = ("loss",)
     """Metrics shown in the progress bar."""
-    extra_state: dict = field(default_factory=dict)
 
 
 def total_steps(spec: TrainSpec, n_examples: int) -> tuple[int, int]:
@@ -87,37 +68,33 @@ class Trainer:
         self,
         stage: Stage,
         model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        run_dir: Path,
+        paths: StagePaths,
         seed: int,
-        mixed_precision: str,
+        device: torch.device,
+        dtype: torch.dtype,
         progress: Progress,
-        recipe_yaml: str,
-        identity: dict | None = None,
-        force_resume: bool = False,
+        fingerprint: dict,
     ) -> None:
-        self.stage, self.spec, self.model, self.tokenizer = stage, stage.spec, model, tokenizer
-        self.run_dir, self.seed, self.progress = run_dir, seed, progress
-        self.recipe_yaml = recipe_yaml
-        # What must not change between a checkpoint and its resume for the result to stay exact.
-        self.identity = identity or {}
-        self.force_resume = force_resume
+        """`fingerprint` ({identity, data_hash}) goes into every checkpoint, for resume to compare against."""
+        self.stage, self.spec, self.model = stage, stage.spec, model
+        self.paths, self.seed, self.progress = paths, seed, progress
+        self.device, self.dtype, self.fingerprint = device, dtype, fingerprint
         self.skipped = 0
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-        self.device = self.accelerator.device
+        # fp16 has too few exponent bits for small gradients: scale the loss up and skip the steps that overflow.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.total, self.per_epoch = total_steps(self.spec, len(stage.train))
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.spec.lr, weight_decay=self.spec.weight_decay)
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.spec.lr, weight_decay=self.spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(self.spec, step, self.total)
+            self.optimizer, lambda step: lr_factor(self.spec, step, self.total)
         )
-        self.checkpoints = CheckpointManager(
-            run_dir / "checkpoints", self.spec.save_total_limit, progress.warn
-        )
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.checkpoints = CheckpointManager(paths.checkpoints, self.spec.save_total_limit, progress.warn)
+        self.metrics = MetricsLog(paths.metrics)
         self.step = 0
         self._signal: int | None = None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     # -- data order ----------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list]:
@@ -132,14 +109,21 @@ class Trainer:
         return [[self.stage.train[i] for i in batch] for batch in chosen]
 
     # -- the loop ------------------------------------------------------------------------------------------
-    def fit(self, resume: bool) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._resume()
-        # Only after the resume check: a refused resume leaves the run's files as they were.
-        atomic_write_text(self.run_dir / "recipe.yaml", self.recipe_yaml)
-        self._truncate_metrics()
+    def fit(self, resume_from: Path | None, recipe_yaml: str) -> dict:
+        """Train to the last step (from checkpoint `resume_from` when given); returns the last logged record."""
+        if resume_from is not None:
+            state = restore_training_state(
+                resume_from, self.model, self.optimizer, self.scheduler, self.scaler
+            )
+            self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+            self.progress.info(f"resuming from {resume_from} (step {self.step} of {self.total})")
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.paths.recipe, recipe_yaml)
+        self.metrics.keep_until(self.step)
         self.model.train()
+        window: list[dict] = []
+        last: dict = {}
+        shown: dict = {}
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.progress.bar(self.stage.name, self.total, self.step) as bar:
@@ -147,24 +131,32 @@ class Trainer:
                     try:
                         record = self._train_step()
                     except torch.OutOfMemoryError:
-                        raise TrainingStopped(self._out_of_memory(), 1) from None
+                        from qalign.memory import out_of_memory_advice
+
+                        raise TrainingStopped(
+                            out_of_memory_advice(self.stage.name, self.spec, self.step + 1), 1
+                        ) from None
                     self.step += 1
                     final = self.step == self.total
+                    window.append(record)
                     if self.stage.eval and (
                         final or (self.spec.eval_every and self.step % self.spec.eval_every == 0)
                     ):
                         record.update(self.evaluate())
                     if final or self.step % self.spec.log_every == 0 or "eval_loss" in record:
-                        self._log(record)
-                    bar.update(
-                        self.step,
-                        {k: record[k] for k in (*self.stage.show, "lr", "tokens_per_s") if k in record},
+                        last = mean_record(window)
+                        self.metrics.append(last)
+                        window = []
+                    shown.update(
+                        {k: record[k] for k in (*self.stage.show, "lr", "tokens_per_s") if k in record}
                     )
-                    if final or (self.spec.save_every and self.step % self.spec.save_every == 0):
+                    if "eval_loss" in record:
+                        shown["eval_loss"] = record["eval_loss"]
+                    bar.update(self.step, shown)
+                    saving = final or (self.spec.save_every and self.step % self.spec.save_every == 0)
+                    if saving or self._signal is not None:
                         self.save_checkpoint()
                     if self._signal is not None:
-                        if not (self.spec.save_every and self.step % self.spec.save_every == 0) and not final:
-                            self.save_checkpoint()
                         name = signal.Signals(self._signal).name
                         raise TrainingStopped(
                             f"{name}: saved a checkpoint at step {self.step}; run the same command to resume",
@@ -173,6 +165,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        return last
 
     def _train_step(self) -> dict:
         started = time.perf_counter()
@@ -183,46 +176,33 @@ class Trainer:
         for examples in micro:
             batch = {k: v.to(self.device) for k, v in self.stage.collate(examples).items()}
             tokens += int(batch["attention_mask"].sum())
-            with self.accelerator.autocast():
+            with self.autocast():
                 loss, shares = self.stage.step_loss(self.model, batch, norm)
-            self.accelerator.backward(loss)
+            self.scaler.scale(loss).backward()
             for key, value in shares.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler.unscale_(self.optimizer)
         # max_norm=inf measures without clipping, so non-finite gradients are caught either way.
         limit = self.spec.max_grad_norm if self.spec.max_grad_norm > 0 else math.inf
-        grad_norm = float(self.accelerator.clip_grad_norm_(params, limit))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
         lr = self.scheduler.get_last_lr()[0]
         record = {"step": self.step + 1, **sums, "lr": lr}
-        # Under fp16 loss scaling an inf gradient is routine: the scaler skips that step itself.
-        scaled = getattr(self.accelerator, "scaler", None) is not None
         problem = None
         if not math.isfinite(sums.get("loss", 0.0)):
             problem = f"the loss is {sums.get('loss')}"
-        elif not math.isfinite(grad_norm) and not scaled:
+        elif not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             problem = f"the gradient norm is {grad_norm}"
         if problem is not None:
-            if self.spec.nan_policy != "skip":
-                latest = self.checkpoints.latest()
-                kept = (
-                    f"the last good checkpoint ({latest.name}) is kept"
-                    if latest
-                    else "no checkpoint was saved yet"
-                )
-                raise TrainingStopped(
-                    f"step {self.step + 1}: {problem}; stopped without saving, {kept}. Likely causes: a learning "
-                    "rate too high, fp16 overflow (try compute_dtype: bf16 or fp32), or bad data; "
-                    f"{self.stage.name}.nan_policy: skip skips such steps instead",
-                    1,
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.skipped += 1
-            self.progress.warn(f"step {self.step + 1}: {problem}; skipped ({self.skipped} so far)")
-            return {**record, "skipped": True, "skipped_steps": self.skipped}
-        self.optimizer.step()
-        self.scheduler.step()
+            return self._bad_step(problem, record)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(grad_norm):
+            self.scheduler.step()
+        else:
+            # Under fp16 loss scaling an overflow is routine: the scaler skipped the update and lowered its
+            # scale; the schedule waits for the step that really happens.
+            record["scaler_skipped"] = True
         elapsed = time.perf_counter() - started
         record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         record["epoch"] = round((self.step + 1) / self.per_epoch, 4)
@@ -230,6 +210,27 @@ class Trainer:
         if self.skipped:
             record["skipped_steps"] = self.skipped
         return record
+
+    def _bad_step(self, problem: str, record: dict) -> dict:
+        """A non-finite loss or gradient: stop keeping the last good checkpoint, or skip the step (nan_policy)."""
+        if self.spec.nan_policy != "skip":
+            latest = self.checkpoints.latest()
+            kept = (
+                f"the last good checkpoint ({latest.name}) is kept"
+                if latest
+                else "no checkpoint was saved yet"
+            )
+            raise TrainingStopped(
+                f"step {self.step + 1}: {problem}; stopped without saving, {kept}. Likely causes: a learning "
+                "rate too high, fp16 overflow (try compute_dtype: bf16 or fp32), or bad data; "
+                f"{self.stage.name}.nan_policy: skip skips such steps instead",
+                1,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped += 1
+        self.progress.warn(f"step {self.step + 1}: {problem}; skipped ({self.skipped} so far)")
+        return {**record, "skipped": True, "skipped_steps": self.skipped}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -242,111 +243,25 @@ class Trainer:
         size = self.spec.batch_size
         for i in range(0, len(examples), size):
             batch = {k: v.to(self.device) for k, v in self.stage.collate(examples[i : i + size]).items()}
-            with self.accelerator.autocast():
+            with self.autocast():
                 _, shares = self.stage.step_loss(self.model, batch, norm)
             for key, value in shares.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         self.model.train(was_training)
         return {f"eval_{k}": v for k, v in sums.items()}
 
-    def _out_of_memory(self) -> str:
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
-        name, spec = self.stage.name, self.spec
-        fixes = []
-        if not spec.gradient_checkpointing:
-            fixes.append(f"--set {name}.gradient_checkpointing=true")
-        if spec.batch_size > 1:
-            fixes.append(
-                f"--set {name}.batch_size={spec.batch_size // 2} --set {name}.grad_accum={spec.grad_accum * 2} "
-                "(same effective batch)"
-            )
-        fixes.append(f"--set {name}.max_length={max(64, spec.max_length // 2)}")
-        return (
-            f"out of GPU memory at step {self.step + 1} (peak {peak:.1f} GiB allocated of {total:.1f} GiB); "
-            f"the last checkpoint is kept. Try: {'; or '.join(fixes)}"
-        )
-
-    # -- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        def write(folder: Path) -> None:
-            # Only the trained adapter: DPO's live reference is a frozen copy of the starting one.
-            self.model.save_pretrained(str(folder), selected_adapters=["default"])
-            save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
-            save_torch(self.scheduler.state_dict(), folder / "scheduler.pt")
-            save_torch(capture_rng_state(), folder / "rng.pt")
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None:
-                save_torch(scaler.state_dict(), folder / "scaler.pt")
-
         epoch, within = divmod(self.step, self.per_epoch)
         state = {
             "total_steps": self.total,
             "epoch": epoch,
             "step_in_epoch": within,
-            "identity": self.identity,
-            "data_hash": self.stage.data_hash,
+            **self.fingerprint,
             "skipped_steps": self.skipped,
-            **self.stage.extra_state,
         }
-        return self.checkpoints.save(self.step, write, state)
-
-    def _resume(self) -> None:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            return
-        state = CheckpointManager.read_state(latest)
-        changes = _differences(state.get("identity", {}), self.identity)
-        if state.get("data_hash") != self.stage.data_hash:
-            changes.append("the training data (or its tokenization)")
-        if changes and not self.force_resume:
-            raise UserError(
-                f"{latest}: changed since this checkpoint: {'; '.join(changes[:4])}. Resuming would not reproduce "
-                "an uninterrupted run: pass --force-resume to continue anyway, or --no-resume to start over"
-            )
-        if changes:
-            self.progress.warn(f"resuming despite changes (--force-resume): {'; '.join(changes[:4])}")
-        weights = load_file(str(latest / "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.model, weights)
-        self.optimizer.load_state_dict(load_torch(latest / "optimizer.pt"))
-        self.scheduler.load_state_dict(load_torch(latest / "scheduler.pt"))
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and (latest / "scaler.pt").exists():
-            scaler.load_state_dict(load_torch(latest / "scaler.pt"))
-        restore_rng_state(load_torch(latest / "rng.pt"))
-        self.step = int(state["step"])
-        self.skipped = int(state.get("skipped_steps", 0))
-        self.progress.info(f"resuming from {latest} (step {self.step} of {self.total})")
-
-    # -- outputs -------------------------------------------------------------------------------------------
-    def _truncate_metrics(self) -> None:
-        """Drop records past the resumed step, so the file reads as one uninterrupted run."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-            if isinstance(record, dict) and record.get("step", 0) <= self.step and "final" not in record:
-                kept.append(line)
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
-
-    def _log(self, record: dict) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def log_final(self, record: dict) -> None:
-        self._log({"step": self.step, "final": True, **record})
-
-    def save_adapter(self, target: Path, overwrite: bool, metadata: dict) -> None:
-        """The finished adapter (peft format plus tokenizer, and `qalign.json`: how the base was loaded, which
-        merge and chat need to rebuild what training saw), written atomically."""
-        with atomic_dir(target, replace=overwrite or target.exists()) as folder:
-            self.model.save_pretrained(str(folder), selected_adapters=["default"])
-            self.tokenizer.save_pretrained(str(folder))
-            (folder / "qalign.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        return save_training_state(
+            self.checkpoints, self.step, self.model, self.optimizer, self.scheduler, self.scaler, state
+        )
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._signal is not None:
@@ -354,15 +269,3 @@ class Trainer:
             raise KeyboardInterrupt
         self._signal = signum
         self.progress.warn(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable `key: old -> new` for every leaf that differs between two nested dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_differences(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out

@@ -1,0 +1,100 @@
+"""A stage's data: read, rendered and checked row by row before any training, and reported."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from qalign.data import DataReport, read_rows
+from qalign.errors import UserError
+from qalign.progress import Progress
+from qalign.recipe import Recipe, TrainSpec
+
+
+@dataclass
+class StageData:
+    train: list
+    eval: list | None
+
+    @property
+    def digest(self) -> str:
+        """Identifies the tokenized rows (so also the template, max_length and truncation they went through)."""
+        return examples_hash(self.train) + examples_hash(self.eval or [])
+
+
+def examples_hash(examples: list) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example.__dict__ | {"reference": None, "where": None}).encode())
+    return digest.hexdigest()[:16]
+
+
+def describe_report(report: DataReport) -> str:
+    p = report.percentiles()
+    lengths = ", ".join(f"{k} {v}" for k, v in p.items())
+    return (
+        f"{report.source}: {report.kept} of {report.rows} rows kept, "
+        f"{report.trained_tokens:,} trained tokens; lengths {lengths}"
+    )
+
+
+def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Progress) -> StageData:
+    """The `name` stage's train and eval examples, every row checked; the reports printed."""
+    spec: TrainSpec | None = getattr(recipe, name)
+    if spec is None:
+        raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
+
+    def prepare(source: str, split: str) -> tuple[list, DataReport]:
+        rows = read_rows(source, split)
+        if name == "sft":
+            from qalign.sft import prepare_sft
+
+            return prepare_sft(rows, spec.data.format, tokenizer, spec.max_length, spec.overlong, source)
+        from qalign.dpo import prepare_dpo
+
+        return prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
+
+    from qalign.chat_template import describe_template
+
+    progress.info(describe_template(tokenizer))
+    train, report = prepare(spec.data.train, spec.data.train_split)
+    reports = [report]
+    evals = None
+    if spec.data.eval is not None:
+        evals, eval_report = prepare(spec.data.eval, spec.data.eval_split)
+        reports.append(eval_report)
+    for item in reports:
+        progress.info(describe_report(item))
+        for line in item.warnings(name):
+            progress.warn(line)
+    if not train:
+        raise UserError(
+            f"{spec.data.train}: every row is longer than {name}.max_length={spec.max_length}; "
+            f"raise it or set {name}.overlong: truncate"
+        )
+    return StageData(train, evals)
+
+
+def planned_lengths(recipe: Recipe, name: str, progress: Progress) -> object:
+    """`qalign plan`'s view of the data: its lengths, or a note on why the plan takes max_length instead."""
+    from qalign.memory import Lengths, lengths_of
+    from qalign.model import load_tokenizer
+    from qalign.model_shapes import reads_disk_only
+
+    # As with the config, only a tokenizer already on disk is used for an id the table knows, so an offline plan
+    # answers at once instead of waiting out the hub client's retries.
+    disk_only = reads_disk_only(recipe.model)
+    try:
+        tokenizer = load_tokenizer(recipe.model, progress.warn, local_files_only=disk_only)
+    except UserError as exc:
+        if disk_only:
+            why = f"the tokenizer of {recipe.model.base} is not on disk, so the data was not read"
+        else:
+            why = f"the data could not be read ({exc})"
+        return Lengths(note=f"max_length: {why}")
+    try:
+        data = load_stage_data(recipe, name, tokenizer, progress)
+    except UserError as exc:
+        return Lengths(note=f"max_length: the data could not be read ({exc})")
+    return lengths_of(data.train, name)
