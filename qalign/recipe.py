@@ -280,7 +280,7 @@ class MergeSpec(_Section):
 
 
 class Recipe(_Section):
-    """Top-level keys."""
+    """The whole recipe: one YAML file that drives every stage; relative paths are relative to it."""
 
     name: str = Field(min_length=1, description="The run's name; output_dir defaults to `runs/<name>`.")
     output_dir: str | None = Field(

@@ -47,3 +47,25 @@ def test_every_key_has_a_comment(path: Path):
         assert above.startswith("#") or stripped.endswith(":"), (
             f"{path.name}:{i + 1} has no comment: {stripped}"
         )
+
+
+def _dotted_keys(mapping: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in mapping.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, dict):
+            keys.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_uses_only_schema_keys(path: Path):
+    # Spelled out (load_recipe would also refuse): a shipped recipe is documentation, and the key reference
+    # (qalign.recipe_docs) is what its keys are checked against.
+    import yaml
+
+    from qalign.recipe_docs import key_paths
+
+    known = set(key_paths())
+    unknown = [key for key in _dotted_keys(yaml.safe_load(path.read_text())) if key not in known]
+    assert not unknown, f"{path.name}: keys the schema does not know: {unknown}"
