@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,37 @@ def test_recipe_uses_only_schema_keys(path: Path):
     known = set(key_paths())
     unknown = [key for key in _dotted_keys(yaml.safe_load(path.read_text())) if key not in known]
     assert not unknown, f"{path.name}: keys the schema does not know: {unknown}"
+
+
+def _commented_choices(path: Path) -> list[tuple[str, set[str], int]]:
+    """(dotted key, choices its comment lists as `a | b | c:`, line) for every such comment in a recipe."""
+    found, stack = [], []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        match = re.match(r"( *)([a-z_]+):", line)
+        if not match:
+            continue
+        depth = len(match.group(1)) // 2
+        stack[depth:] = [match.group(2)]
+        above = lines[i - 1].strip() if i else ""
+        listed = re.match(r"# ([\w.-]+(?: \| [\w.-]+)+)[:.]", above)
+        if listed:
+            found.append((".".join(stack), set(listed.group(1).split(" | ")), i + 1))
+    return found
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_choices_in_comments_are_the_schema_choices(path: Path):
+    # Hand-written comments drift; the choices they list are checked against the schema's.
+    from qalign.recipe_docs import sections, type_text
+
+    types = {
+        prefix + name: type_text(field)
+        for prefix, model in sections()
+        for name, field in model.model_fields.items()
+    }
+    for key, listed, line in _commented_choices(path):
+        schema = set(types[key].split(" | ")) - {"null"}
+        assert listed == schema, (
+            f"{path.name}:{line}: comment lists {sorted(listed)}; {key} takes {sorted(schema)}"
+        )
