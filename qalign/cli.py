@@ -159,7 +159,10 @@ def init(
             raise UserError(f"{out} already exists; pass --overwrite to replace it")
         from qalign.checkpoint import atomic_write_text
 
-        atomic_write_text(out, starter_recipe(model_for_recipe(model, out)))
+        try:
+            atomic_write_text(out, starter_recipe(model_for_recipe(model, out)))
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write the recipe ({exc.strerror or exc})") from None
         folder = out.parent
         console.print(
             f"wrote {escape(str(out))}: put chat data at {escape(str(folder / SFT_DATA))} and preference pairs at "

@@ -95,9 +95,10 @@ def default_text(field: FieldInfo) -> str:
     return f"`{yaml_value(field.default)}`"
 
 
-def description(field: FieldInfo) -> str:
+def description(field: FieldInfo, key: str) -> str:
+    # Generated docs with a hole in them would look complete; refuse instead.
     if not field.description:
-        raise ValueError("a recipe key has no description")  # tests name which one
+        raise ValueError(f"recipe key '{key}' has no description: add Field(description=...) in recipe.py")
     return field.description
 
 
@@ -112,7 +113,12 @@ def render_reference() -> str:
             parts.append(f"{_cell(doc.strip())}\n")
         parts.append("| key | type | default | description |\n| --- | --- | --- | --- |")
         for name, field in model.model_fields.items():
-            row = (f"`{prefix}{name}`", f"`{type_text(field)}`", default_text(field), description(field))
+            row = (
+                f"`{prefix}{name}`",
+                f"`{type_text(field)}`",
+                default_text(field),
+                description(field, prefix + name),
+            )
             parts.append("| " + " | ".join(_cell(cell) for cell in row) + " |")
         parts.append("")
     return "\n".join(parts)

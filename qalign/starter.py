@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qalign.recipe import Recipe
-from qalign.recipe_docs import section_type, type_text, yaml_value
+from qalign.recipe_docs import description, section_type, type_text, yaml_value
 
 # Small enough for an 8 GB GPU or a CPU, has a chat template, and `qalign plan` knows its shapes offline.
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -62,26 +62,26 @@ def model_for_recipe(model: str, recipe: Path) -> str:
         return str(local.resolve())
 
 
-def _section(model: type[BaseModel], values: dict[str, Any], indent: int) -> list[str]:
+def _section(model: type[BaseModel], values: dict[str, Any], indent: int, prefix: str = "") -> list[str]:
     pad = " " * indent
     lines: list[str] = []
     for key, field in model.model_fields.items():
-        sub = section_type(field)
+        sub, text = section_type(field), description(field, prefix + key)
         if sub is not None:
             if key not in values and key not in COMMENTED and field.default_factory is None:
                 continue  # an optional section the starter does not use
-            body = [f"{pad}{key}:", *_section(sub, values.get(key, {}), indent + 2)]
+            body = [f"{pad}{key}:", *_section(sub, values.get(key, {}), indent + 2, f"{prefix}{key}.")]
             if indent == 0:
                 lines.append("")  # top-level sections stand apart
             if key in COMMENTED:
-                note = f"{field.description} Uncomment to use it:"
+                note = f"{text} Uncomment to use it:"
                 lines += [*_comment(note, pad), *(f"{pad}# {line[indent:]}" for line in body)]
             else:
-                lines += [*_comment(field.description or "", pad), *body]
+                lines += [*_comment(text, pad), *body]
             continue
         default = "required" if field.is_required() else f"default: {yaml_value(field.default)}"
         value = values.get(key, None if field.is_required() else field.default)
-        lines += _comment(f"{field.description} (type: {type_text(field)}, {default})", pad)
+        lines += _comment(f"{text} (type: {type_text(field)}, {default})", pad)
         lines.append(f"{pad}{key}: {yaml_value(value)}")
     return lines
 

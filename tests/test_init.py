@@ -106,6 +106,13 @@ def test_init_into_a_folder_is_an_error(tmp_path: Path):
     assert result.exit_code == 2 and "is a folder" in result.output
 
 
+def test_unwritable_destination_is_one_line(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    result = init("--out", str(tmp_path / "file" / "recipe.yaml"))
+    assert result.exit_code == 2 and "cannot write the recipe" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
 def test_cli_default_model_is_the_starter_default(tmp_path: Path):
     recipe = tmp_path / "recipe.yaml"
     assert init("--out", str(recipe)).exit_code == 0

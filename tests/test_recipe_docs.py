@@ -87,3 +87,10 @@ def test_angle_brackets_outside_code_are_escaped():
     assert recipe_docs._cell("default <output_dir>/merged") == "default &lt;output_dir&gt;/merged"
     assert recipe_docs._cell("default `<output_dir>/merged`") == "default `<output_dir>/merged`"
     assert recipe_docs._cell("`a | b`") == "`a \\| b`"
+
+
+def test_a_key_without_description_is_refused_by_name():
+    from pydantic.fields import FieldInfo
+
+    with pytest.raises(ValueError, match=r"'sft\.lr' has no description"):
+        recipe_docs.description(FieldInfo(annotation=float, default=1.0), "sft.lr")
