@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU users install the CUDA build themselves (see README).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test lint demo demo-assets bench clean
+.PHONY: install test lint docs demo demo-assets bench clean
 
 $(BIN)/qalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check qalign tests
+
+# The README's recipe key reference, regenerated from the schema in qalign/recipe.py.
+docs: install
+	$(BIN)/python -m qalign.recipe_docs --write-readme
 
 # The offline quickstart: SFT, DPO and merge on the bundled model, then the before/after table.
 demo: install

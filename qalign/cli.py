@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from qalign import __version__
 from qalign.errors import UserError
@@ -22,9 +24,46 @@ if TYPE_CHECKING:
     from qalign.progress import Progress
     from qalign.recipe import Recipe
 
-app = typer.Typer(
+class _PlainHelp:
+    """Help as users read it elsewhere: `RECIPE` in the usage line (typer writes `{RECIPE}`), and nothing
+    after a flag (typer writes `--overwrite <bool>`)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"^\{(.+)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    # Every command gets the plain help without each decorator having to ask for it.
+    def command(self, *args: Any, cls: type | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(
+    cls=_Group,
     help="QLoRA fine-tuning (SFT, then DPO) of a 4-bit base model, driven by one YAML recipe.",
-    no_args_is_help=True,
+    # Bare `qalign` prints the help and exits 0 (see _root); typer's no_args_is_help exits 2.
+    no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -37,11 +76,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation notices inside transformers/peft are for their maintainers, not for someone training a model.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[
+    Path, typer.Argument(metavar="RECIPE", help="The recipe YAML file.", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", help="Override a recipe key, e.g. --set sft.lr=1e-4 (repeatable).", show_default=False
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a recipe key, e.g. --set sft.lr=1e-4 (repeatable).",
+        show_default=False,
     ),
 ]
 
@@ -84,13 +128,50 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """qalign: align a small LLM on one consumer GPU, or on a CPU."""
+    if ctx.invoked_subcommand is None:
+        # Asking for nothing is not an error: show what there is to ask for.
+        typer.echo(ctx.get_help(), nl=False)
+        raise typer.Exit(0)
+
+
+@app.command()
+def init(
+    model: Annotated[
+        str, typer.Option("--model", metavar="ID", help="Base model: a hub id or a local folder.")
+    ] = "Qwen/Qwen2.5-0.5B-Instruct",  # starter.DEFAULT_MODEL, spelled out so --help needs no import
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="Where to write the recipe.")] = Path(
+        "recipe.yaml"
+    ),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file if it exists.")] = False,
+) -> None:
+    """Write a starter recipe (sft, then dpo): every key with its type, default and meaning."""
+    from qalign.starter import DPO_DATA, SFT_DATA, model_for_recipe, starter_recipe
+
+    with _user_errors("nothing was written"):
+        if out.is_dir():
+            raise UserError(f"{out} is a folder; --out names the recipe file to write")
+        if out.exists() and not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it")
+        from qalign.checkpoint import atomic_write_text
+
+        try:
+            atomic_write_text(out, starter_recipe(model_for_recipe(model, out)))
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write the recipe ({exc.strerror or exc})") from None
+        folder = out.parent
+        console.print(
+            f"wrote {escape(str(out))}: put chat data at {escape(str(folder / SFT_DATA))} and preference pairs at "
+            f"{escape(str(folder / DPO_DATA))} (or edit sft.data.train and dpo.data.train), then run "
+            f"qalign validate {escape(str(out))}"
+        )
 
 
 NoResume = Annotated[
@@ -203,23 +284,33 @@ def run(
 @app.command()
 def merge(
     recipe: Annotated[
-        Path | None, typer.Argument(help="The recipe whose adapter to merge.", show_default=False)
+        Path | None,
+        typer.Argument(metavar="RECIPE", help="The recipe whose adapter to merge.", show_default=False),
     ] = None,
     stage: Annotated[
-        str | None, typer.Option("--stage", help="sft or dpo; default the last stage with an adapter.")
+        str | None,
+        typer.Option("--stage", metavar="sft|dpo", help="Default: the last stage with an adapter."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Output folder; default <output_dir>/merged.")
+        Path | None, typer.Option("--out", metavar="DIR", help="Output folder; default <output_dir>/merged.")
     ] = None,
     base: Annotated[
-        str | None, typer.Option("--base", help="Without a recipe: the base model (hub id or folder).")
+        str | None,
+        typer.Option("--base", metavar="MODEL", help="Without a recipe: the base model (hub id or folder)."),
     ] = None,
     adapter: Annotated[
-        Path | None, typer.Option("--adapter", help="Without a recipe: the adapter folder.")
+        Path | None, typer.Option("--adapter", metavar="DIR", help="Without a recipe: the adapter folder.")
     ] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="bf16 (default), fp16 or fp32.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", metavar="bf16|fp16|fp32", help="Default: merge.dtype, else bf16.")
+    ] = None,
     base_weights: Annotated[
-        str | None, typer.Option("--base-weights", help="nf4-roundtrip (default) or original.")
+        str | None,
+        typer.Option(
+            "--base-weights",
+            metavar="nf4-roundtrip|original",
+            help="Default: merge.base_weights, else nf4-roundtrip.",
+        ),
     ] = None,
     set_: SetOpt = None,
     overwrite: Overwrite = False,
@@ -262,12 +353,14 @@ def validate(
     recipe: RecipeArg,
     set_: SetOpt = None,
     stage: Annotated[
-        str | None, typer.Option("--stage", help="Check only this stage (sft or dpo); default every stage.")
+        str | None,
+        typer.Option("--stage", metavar="sft|dpo", help="Check only this stage; default every stage."),
     ] = None,
     dump: Annotated[
         Path | None,
         typer.Option(
             "--dump",
+            metavar="FILE.jsonl",
             help="Write each tokenized row to this .jsonl file: {input_ids, labels} for sft, "
             "{prompt_ids, chosen_ids, rejected_ids} for dpo (of --stage, default the first stage).",
         ),
@@ -308,12 +401,14 @@ def plan(
     recipe: RecipeArg,
     set_: SetOpt = None,
     stage: Annotated[
-        str | None, typer.Option("--stage", help="sft or dpo; default the recipe's first stage.")
+        str | None, typer.Option("--stage", metavar="sft|dpo", help="Default: the recipe's first stage.")
     ] = None,
     gpu_memory: Annotated[
         str | None,
         typer.Option(
-            "--gpu-memory", help="Memory to fit in, e.g. 8GiB, 8GB (read as GiB), 8000MiB or bytes."
+            "--gpu-memory",
+            metavar="SIZE",
+            help="Memory to fit in, e.g. 8GiB, 8GB (read as GiB), 8000MiB or bytes.",
         ),
     ] = None,
     as_json: Annotated[
@@ -390,19 +485,37 @@ def _show_plan(result: object, decided: list[str]) -> None:
 @app.command("chat")
 def chat_command(
     target: Annotated[
-        Path, typer.Argument(help="A recipe (.yaml), a merged model folder or an adapter folder.")
+        Path,
+        typer.Argument(
+            metavar="TARGET",
+            help="A recipe (.yaml), a merged model folder or an adapter folder.",
+            show_default=False,
+        ),
     ],
     stage: Annotated[
         str | None,
-        typer.Option("--stage", help="With a recipe: sft, dpo or base; default the last trained stage."),
+        typer.Option(
+            "--stage",
+            metavar="sft|dpo|base",
+            help="With a recipe: the stage; default the last trained stage.",
+        ),
     ] = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", help="Answer this once and exit (for scripts).")
+        str | None, typer.Option("--prompt", metavar="TEXT", help="Answer this once and exit (for scripts).")
     ] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.9,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
-    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same answer.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", metavar="T", help="0 = greedy.")] = 0.7,
+    top_p: Annotated[
+        float,
+        typer.Option(
+            "--top-p",
+            metavar="P",
+            help="Nucleus sampling: keep the most likely tokens up to this probability.",
+        ),
+    ] = 0.9,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", metavar="N", help="Longest reply, in tokens.")
+    ] = 256,
+    seed: Annotated[int | None, typer.Option("--seed", metavar="N", help="Same seed, same answer.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Talk to a model from the terminal: streams tokens, keeps the history; /reset and /exit."""

@@ -25,32 +25,72 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Every key carries its description in Field(description=...): `qalign init` and the README's key reference
+# are generated from these, so they must say what the code that reads each key does.
+
+
 class ModelSpec(_Section):
-    base: str
-    """Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local folder, relative to the recipe."""
-    revision: str | None = None
-    """Hub branch, tag or commit; ignored for local folders."""
-    quantization: Literal["nf4", "fp4", "none"] = "nf4"
-    double_quant: bool = True
-    """Quantize the 4-bit scales too (about 0.4 bit/parameter saved)."""
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16; on a CPU, bf16 where it multiplies bf16 natively
-    (AVX512-BF16 or AMX: about 1.7x faster than fp32 there), else fp32."""
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    """Load .bin/.pt weights when there are no safetensors (pickle can run code; only for files you trust)."""
-    chat_template: str | None = None
-    """Path to a .jinja file replacing the tokenizer's chat template."""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """None lets transformers choose (sdpa where supported)."""
+    """The frozen base model and how it is loaded."""
+
+    base: str = Field(
+        description="Hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`) or a local folder, relative to the recipe."
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit; ignored for local folders.")
+    quantization: Literal["nf4", "fp4", "none"] = Field(
+        "nf4",
+        description="How the frozen base weights are stored: 4-bit NF4 (the QLoRA choice) or FP4 through "
+        "bitsandbytes, or none (unquantized, in the compute dtype).",
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the 4-bit scales too (about 0.4 bit/parameter saved); 4-bit only."
+    )
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Precision of the math. auto: bf16 on GPUs that support it, else fp16; on a CPU, bf16 "
+        "where it multiplies bf16 natively (AVX512-BF16 or AMX: about 1.7x faster than fp32 there), else fp32.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with a hub model (custom architectures); only for models you trust.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Load .bin/.pt weights when there are no safetensors (pickle can run code; only for files "
+        "you trust).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Path to a .jinja file (relative to the recipe) replacing the tokenizer's chat template; "
+        "null keeps the model's own (ChatML, with a warning, when it has none).",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; null lets transformers choose (sdpa where supported)."
+    )
 
 
 class LoraSpec(_Section):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0, allow_inf_nan=False)
-    dropout: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    """all-linear: every linear layer of the decoder except the LM head, resolved per architecture."""
+    """The LoRA adapter trained on the frozen base (the same settings for every stage)."""
+
+    r: int = Field(16, gt=0, description="Adapter rank: trainable parameters and their memory grow with it.")
+    alpha: float = Field(
+        32.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Scaling numerator: the adapter's update is scaled by alpha / r.",
+    )
+    dropout: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Dropout on the adapter's input in SFT (DPO turns all dropout off, so that the policy "
+        "starts equal to its reference).",
+    )
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Layers that get an adapter. all-linear: every linear layer of the decoder except the LM "
+        "head, resolved per architecture; or a list of module names (e.g. [q_proj, v_proj]).",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -61,13 +101,21 @@ class LoraSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str
-    """Local .jsonl/.json/.parquet/.csv file (relative to the recipe) or a hub dataset id."""
-    eval: str | None = None
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
-    train_split: str = "train"
-    """Split to read when `train` is a hub dataset id."""
-    eval_split: str = "test"
+    """Where a stage's rows come from."""
+
+    train: str = Field(
+        description="Local .jsonl/.json/.parquet/.csv file (relative to the recipe) or a hub dataset id."
+    )
+    eval: str | None = Field(
+        None,
+        description="Held-out data in the same forms as train, evaluated every eval_every steps and at the "
+        "end; null: no evaluation.",
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto", description="Row format; auto picks it from the first row's keys."
+    )
+    train_split: str = Field("train", description="Split to read when `train` is a hub dataset id.")
+    eval_split: str = Field("test", description="Split to read when `eval` is a hub dataset id.")
 
 
 _POSITIVE_INT = TypeAdapter(Annotated[int, Field(gt=0)])
@@ -77,28 +125,52 @@ _BOOL = TypeAdapter(bool)
 class TrainSpec(_Section):
     """Settings shared by every training stage."""
 
-    data: DataSpec
-    max_length: int = Field(1024, gt=0)
-    """Tokens per example, prompt included."""
-    overlong: Literal["drop", "truncate"] = "drop"
-    """What to do with examples longer than max_length: drop them (counted and reported) or cut them."""
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    """Optimizer steps; overrides epochs when set."""
-    batch_size: int | Literal["auto"] = 4
-    """Examples per micro-batch; auto: the largest power of two (up to 64 on a GPU, 8 on a CPU) that the memory
-    planner fits in the free memory at start."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step: the effective batch is batch_size * grad_accum."""
-    lr: float = Field(2.0e-4, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, allow_inf_nan=False)
-    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False)
-    """Gradient clipping; 0 turns it off."""
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    """Recompute activations in the backward pass: much less memory for about a third more compute; auto (the
-    default): off when the memory planner fits the run without it in the free memory at start, else on."""
+    data: DataSpec = Field(description="Where the training (and eval) rows come from.")
+    max_length: int = Field(
+        1024, gt=0, description="Tokens per example, prompt included (DPO: the prompt and the longer reply)."
+    )
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="What to do with examples longer than max_length: drop them (counted and reported) or "
+        "cut them.",
+    )
+    epochs: int = Field(1, gt=0, description="Passes over the training data, unless max_steps is set.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int | Literal["auto"] = Field(
+        4,
+        description="Examples (DPO: pairs) per micro-batch; auto: the largest power of two (up to 64 on a GPU, "
+        "8 on a CPU) that the memory planner fits in the free memory at start.",
+    )
+    grad_accum: int = Field(
+        1,
+        gt=0,
+        description="Micro-batches per optimizer step: the effective batch is batch_size * grad_accum.",
+    )
+    lr: float = Field(
+        2.0e-4, gt=0, allow_inf_nan=False, description="Peak learning rate of AdamW, reached after warmup."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="AdamW weight decay on the adapter's weights."
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning rate after warmup: cosine or linear decay to 0, or constant."
+    )
+    warmup_ratio: float = Field(
+        0.03,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Fraction of the optimizer steps over which the learning rate rises linearly to lr.",
+    )
+    max_grad_norm: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="Gradient clipping norm; 0 turns clipping off."
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass: much less memory for about a third more "
+        "compute; auto: off when the memory planner fits the run without it in the free memory at start, "
+        "else on.",
+    )
 
     @field_validator("batch_size", "gradient_checkpointing", mode="wrap")
     @classmethod
@@ -115,62 +187,117 @@ class TrainSpec(_Section):
                 error["type"], error["msg"].replace("{", "(").replace("}", ")")
             ) from None
 
-    save_every: int = Field(200, ge=0)
-    """Checkpoint every N optimizer steps; 0 = only at the end."""
-    save_total_limit: int = Field(2, ge=0)
-    """Checkpoints kept (the newest); 0 keeps all."""
-    eval_every: int = Field(200, ge=0)
-    """Evaluate every N steps (and at the end) when data.eval is set; 0 = only at the end."""
-    log_every: int = Field(1, gt=0)
-    nan_policy: Literal["stop", "skip"] = "stop"
-    """A NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the step and count it."""
+    save_every: int = Field(
+        200, ge=0, description="Checkpoint every N optimizer steps (and at the end); 0: only at the end."
+    )
+    save_total_limit: int = Field(2, ge=0, description="Checkpoints kept (the newest); 0 keeps all.")
+    eval_every: int = Field(
+        200,
+        ge=0,
+        description="Evaluate every N optimizer steps (and at the end) when data.eval is set; 0: only at the end.",
+    )
+    log_every: int = Field(
+        1,
+        gt=0,
+        description="Write a metrics.jsonl record every N optimizer steps (and at every evaluation and the "
+        "last step).",
+    )
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip the step and "
+        "count it.",
+    )
 
 
 class SftSpec(TrainSpec):
-    pass
+    """Supervised fine-tuning: the loss covers the assistant's tokens only."""
 
 
 class DpoDataSpec(DataSpec):
-    format: Literal["auto", "preference"] = "auto"
-    """prompt/chosen/rejected as strings, or chosen/rejected as full conversations sharing the prompt turns."""
+    """Where the preference pairs come from."""
+
+    format: Literal["auto", "preference"] = Field(
+        "auto",
+        description="Both values read a row the same way: prompt/chosen/rejected as strings, or chosen/rejected "
+        "as full conversations sharing the prompt turns.",
+    )
 
 
 class DpoSpec(TrainSpec):
-    data: DpoDataSpec
-    lr: float = Field(5.0e-6, gt=0, allow_inf_nan=False)
-    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
-    """Strength of the pull towards the reference model: lower lets the policy move further."""
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, allow_inf_nan=False)
-    """Conservative DPO: the assumed probability that a preference label is flipped (sigmoid loss only)."""
-    reference: Literal["precompute", "live"] = "precompute"
-    """precompute: one pass over the data before training, cached on disk; live: every step (no cache)."""
-    init_adapter: str | None = None
-    """Adapter to start from (and to use as the frozen reference); default <output_dir>/sft/adapter if it
-    exists, else a fresh adapter on the base."""
+    """Direct Preference Optimization; the other keys are those of sft, with their defaults."""
+
+    data: DpoDataSpec = Field(description="Where the training (and eval) preference pairs come from.")
+    lr: float = Field(
+        5.0e-6,
+        gt=0,
+        allow_inf_nan=False,
+        description="Peak learning rate of AdamW, reached after warmup; DPO wants a much lower one than SFT.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        allow_inf_nan=False,
+        description="Strength of the pull towards the reference model: lower lets the policy move further.",
+    )
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="sigmoid: the DPO paper's loss; ipo: IPO, on length-averaged log-probs; hinge: SLiC's "
+        "hinge loss.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        allow_inf_nan=False,
+        description="Conservative DPO: the assumed probability that a preference label is flipped (sigmoid "
+        "loss only).",
+    )
+    reference: Literal["precompute", "live"] = Field(
+        "precompute",
+        description="precompute: one pass over the data before training, cached on disk; live: every step "
+        "(no cache).",
+    )
+    init_adapter: str | None = Field(
+        None,
+        description="Adapter folder to start from (and to use as the frozen reference), relative to the "
+        "recipe; default `<output_dir>/sft/adapter` if it exists, else a fresh adapter on the base.",
+    )
 
 
 class MergeSpec(_Section):
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Precision of the exported weights."""
-    base_weights: Literal["nf4-roundtrip", "original"] = "nf4-roundtrip"
-    """nf4-roundtrip: add the adapter to the base weights as training saw them (quantized, dequantized), so the
-    merged model computes what was trained. original: add it to the untouched 16-bit weights."""
-    out: str | None = None
-    """Output folder, relative to the recipe; default <output_dir>/merged."""
+    """Export: the adapter folded into 16-bit weights. These keys are also the defaults of `qalign merge`."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Precision of the exported weights.")
+    base_weights: Literal["nf4-roundtrip", "original"] = Field(
+        "nf4-roundtrip",
+        description="nf4-roundtrip: add the adapter to the base weights as training saw them (quantized, "
+        "dequantized), so the merged model computes what was trained. original: add it to the untouched "
+        "16-bit weights.",
+    )
+    out: str | None = Field(
+        None, description="Output folder, relative to the recipe; default `<output_dir>/merged`."
+    )
 
 
 class Recipe(_Section):
-    name: str = Field(min_length=1)
-    output_dir: str | None = None
-    """Where the run's outputs go, relative to the recipe; default runs/<name>."""
-    seed: int = 0
-    model: ModelSpec
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    sft: SftSpec | None = None
-    dpo: DpoSpec | None = None
-    merge: MergeSpec | None = None
-    """When present, `qalign run` ends by merging the last stage's adapter."""
+    """The whole recipe: one YAML file that drives every stage; relative paths are relative to it."""
+
+    name: str = Field(min_length=1, description="The run's name; output_dir defaults to `runs/<name>`.")
+    output_dir: str | None = Field(
+        None,
+        description="Where the run's outputs go (a folder per stage, merged/ for the export), relative to the "
+        "recipe; default `runs/<name>` beside the recipe.",
+    )
+    seed: int = Field(
+        0, description="Seeds the adapter's initial weights, dropout and the order of the training data."
+    )
+    model: ModelSpec = Field(description="The base model.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The adapter; every key has a default.")
+    sft: SftSpec | None = Field(None, description="Supervised fine-tuning; absent: no SFT stage.")
+    dpo: DpoSpec | None = Field(None, description="Preference optimization; absent: no DPO stage.")
+    merge: MergeSpec | None = Field(
+        None, description="When present, `qalign run` ends by merging the last stage's adapter."
+    )
 
     # Not recipe keys: where the recipe came from, so that relative paths and messages can name it.
     _source: Path = Path("recipe.yaml")
