@@ -40,8 +40,6 @@ LEVER_RUNS = [
     ("bf16-adapters", "dpo", ["--lever", "bf16-adapters"]),
     ("compute-dtype", "sft", ["--set", "model.compute_dtype=fp32"]),
     ("compute-dtype", "dpo", ["--set", "model.compute_dtype=fp32"]),
-    ("host-allocator", "sft", ["--lever", "host-allocator"]),
-    ("host-allocator", "dpo", ["--lever", "host-allocator"]),
 ]
 
 

@@ -17,8 +17,6 @@ LEVERS = {
     "kept (off: nn.Dropout's Bernoulli sampler and float mask)",
     "bf16-adapters": "with a bf16 base, adapters multiply in bf16 from fp32 weights (off: peft casts every "
     "adapter's input to fp32)",
-    "host-allocator": "glibc keeps freed buffers for the next step (off: large buffers are mmapped afresh and "
-    "page-faulted in every step)",
 }
 
 
@@ -43,8 +41,6 @@ def apply_levers(off: list[str]) -> None:
     from qalign import dpo, reference, runner, sft
     from qalign.lora import UniformDropout
 
-    if "host-allocator" in off:
-        runner.keep_freed_buffers = lambda: False
     tune = runner.tune_lora_layers
     if "uniform-dropout" in off or "bf16-adapters" in off:
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from types import SimpleNamespace
 
 import yaml
 from bench_levers import apply_levers
@@ -83,9 +84,12 @@ def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
     Trainer._train_step = timed_step
     reference.compute_reference = timed_reference
     quiet = Console(file=io.StringIO())
-    run = runner.run_sft if args.stage == "sft" else runner.run_dpo
-    run(recipe, Progress(quiet, quiet), resume=False, overwrite=True)
-    spec = getattr(recipe, args.stage)
+    runner.run_stage(
+        recipe, args.stage, Progress(quiet, quiet), runner.RunOptions(resume=False, overwrite=True)
+    )
+    # The recipe written beside the outputs has the `auto` settings as the run resolved them.
+    resolved = yaml.safe_load((recipe.out / args.stage / "recipe.yaml").read_text(encoding="utf-8"))
+    spec = SimpleNamespace(**resolved[args.stage])
     settings = {
         "gradient_checkpointing": spec.gradient_checkpointing,
         "compute_dtype": f"{recipe.model.compute_dtype} ({str(compute_dtype(recipe.model.compute_dtype, pick_device())).removeprefix('torch.')})",

@@ -175,10 +175,9 @@ def measure(case: Case, recipe) -> int:
     """Peak bytes of live tensors during one training step (after a warm-up step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qalign.dpo import make_dpo_step
+    from qalign.dpo import disable_dropout, make_dpo_step
     from qalign.lora import tune_lora_layers
     from qalign.model import attach_lora, compute_dtype, load_base
-    from qalign.runner import disable_dropout
     from qalign.sft import sft_step
 
     device = torch.device("cpu")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qalign.progress import Progress
     from qalign.recipe import Recipe
 
+
 class _PlainHelp:
     """Help as users read it elsewhere: `RECIPE` in the usage line (typer writes `{RECIPE}`), and nothing
     after a flag (typer writes `--overwrite <bool>`)."""
@@ -160,7 +161,7 @@ def init(
             raise UserError(f"{out} is a folder; --out names the recipe file to write")
         if out.exists() and not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it")
-        from qalign.checkpoint import atomic_write_text
+        from qalign.atomic import atomic_write_text
 
         try:
             atomic_write_text(out, starter_recipe(model_for_recipe(model, out)))

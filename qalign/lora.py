@@ -1,4 +1,13 @@
-"""A cheaper dropout for peft's LoRA layers on CPUs.
+"""How peft's LoRA layers run inside qalign: multiplied in the compute dtype, with a cheaper dropout on CPUs.
+
+peft keeps adapter weights in fp32 (the optimizer needs the precision: a bf16 weight would round away most
+small updates) and, to multiply with them, casts every adapter's input to fp32. With a bf16 base that cast
+costs an fp32 copy of the input per adapted layer, kept alive for backward, and fp32 matmuls. Here the
+weights stay fp32 but are cast to the input's dtype for the multiply, as mixed-precision training does: the
+adapter's input is the very tensor the base layer already keeps, and its gradient still lands in fp32. What it
+pays for is memory, not speed: the bytes saved for backward drop by over 20% on the test model
+(tests/test_lora.py), which is what the planner counts and what a GPU run is short of, while on the benchmark's
+CPU the bf16 adapter matmuls measured 0.91-0.92x as fast as peft's fp32 ones (benchmarks/RESULTS.md).
 
 On a CPU, torch's generator (MT19937) spends about as long per draw whatever the draw's width, and a float
 uniform per element makes the dropout mask a sizeable share of a LoRA step (more under gradient
@@ -14,6 +23,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+
+class ComputeDtypeLinear(torch.nn.Linear):
+    """An adapter's A or B matrix: fp32 parameters, multiplied in whatever dtype its input arrives in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
 
 LANES = 1 << 16
 
@@ -56,9 +76,9 @@ class UniformDropout(torch.nn.Dropout):
         return _MaskedScale.apply(x, drop, scale)
 
 
-def tune_lora_layers(model: torch.nn.Module) -> None:
-    """Give every LoRA layer of a peft model the dropout above (saved adapters are unaffected: no parameter or
-    state-dict key changes)."""
+def tune_lora_layers(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Apply the two changes above to every LoRA layer of a peft model (saved adapters are unaffected: no
+    parameter or state-dict key changes)."""
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
@@ -67,3 +87,10 @@ def tune_lora_layers(model: torch.nn.Module) -> None:
         for dropout in module.lora_dropout.values():
             if type(dropout) is torch.nn.Dropout:
                 dropout.__class__ = UniformDropout
+        if compute_dtype != torch.bfloat16:
+            # fp16 activations would carry the adapter's gradients without loss scaling; keep peft's fp32 path.
+            continue
+        for linear in (*module.lora_A.values(), *module.lora_B.values()):
+            if type(linear) is torch.nn.Linear:
+                linear.__class__ = ComputeDtypeLinear
+        module.cast_input_dtype_enabled = False

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if wanted != current:
-        from qalign.checkpoint import atomic_write_text
+        from qalign.atomic import atomic_write_text
 
         atomic_write_text(args.readme, wanted)
     return 0

@@ -269,7 +269,7 @@ def load_model(
     )
     spec: TrainSpec = getattr(recipe, name)
     model = attach_lora(base, recipe.lora, spec.gradient_checkpointing, start)
-    tune_lora_layers(model)
+    tune_lora_layers(model, dtype)
     trainable, total = count_parameters(model)
     source = f"from {start}" if start else f"r={recipe.lora.r}"
     progress.info(f"LoRA {source}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from qalign import checkpoint as ck
+from qalign import atomic as ck
+from qalign import checkpoint as checkpoint_module
+from qalign.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from qalign.checkpoint import (
     CheckpointManager,
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_text,
     capture_rng_state,
     load_torch,
     restore_rng_state,
@@ -282,7 +281,7 @@ def test_newer_complete_checkpoint_beats_pointer(tmp_path: Path, monkeypatch: py
     def crash(path: Path, text: str) -> None:
         raise KeyboardInterrupt  # the process dies after the rename, before the pointer update
 
-    monkeypatch.setattr(ck, "atomic_write_text", crash)
+    monkeypatch.setattr(checkpoint_module, "atomic_write_text", crash)
     with pytest.raises(KeyboardInterrupt):
         _save(mgr, 3)
     monkeypatch.undo()
@@ -297,7 +296,7 @@ def test_stale_or_bogus_pointer(tmp_path: Path) -> None:
     mgr, _ = _manager(tmp_path, keep=0)
     _save(mgr, 1)
     _save(mgr, 2)
-    ck._remove(tmp_path / "step-2")
+    ck.remove_path(tmp_path / "step-2")
     mgr, warnings = _manager(tmp_path)
     assert mgr.latest() == tmp_path / "step-1"
 
@@ -341,6 +340,10 @@ def test_interrupted_replace_is_recovered(tmp_path: Path) -> None:
     (tmp_path / ".tmp-step-7-87654321").mkdir()
 
     mgr, warnings = _manager(tmp_path, keep=1)
+    before = sorted(os.listdir(tmp_path))
+    assert mgr.latest() is None  # a reader changes nothing on disk, even to recover
+    assert sorted(os.listdir(tmp_path)) == before
+    mgr.recover()
     assert mgr.latest() == tmp_path / "step-7"
     assert (tmp_path / "step-7" / "notes.txt").read_text() == "s7"
     assert warnings == []
@@ -369,6 +372,7 @@ _CHILD = textwrap.dedent(
 
     root = Path(sys.argv[1])
     mgr = CheckpointManager(root, keep=2)
+    mgr.recover()
     last = mgr.latest()
     step = CheckpointManager.read_state(last)["step"] + 1 if last else 1
     print("ready", flush=True)
@@ -431,6 +435,7 @@ def test_sigkill_at_random_moments_leaves_a_complete_checkpoint(tmp_path: Path) 
         assert proc.returncode == -signal.SIGKILL
 
         mgr, warnings = _manager(root)
+        mgr.recover()
         latest = mgr.latest()
         assert latest is not None
         step = _check_checkpoint(latest)

@@ -17,6 +17,7 @@ from qalign.data import Row
 from qalign.dpo import (
     DpoExample,
     collate_dpo,
+    disable_dropout,
     make_dpo_step,
     prepare_dpo,
     reference_logprobs,
@@ -30,7 +31,6 @@ from qalign.model import attach_lora, load_base
 from qalign.progress import Progress
 from qalign.recipe import DpoSpec, LoraSpec, ModelSpec
 from qalign.reference import compute_reference
-from qalign.runner import disable_dropout
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +300,7 @@ def test_run_does_sft_then_dpo_from_the_sft_adapter(tmp_path, tiny_model):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from qalign.runner import load_stage_data
+    from qalign.stage_data import load_stage_data
 
     cache = next((out / "dpo" / "reference").glob("train-*.safetensors"))
     cached = load_file(cache)["reference"]
@@ -311,9 +311,9 @@ def test_run_does_sft_then_dpo_from_the_sft_adapter(tmp_path, tiny_model):
     from qalign.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    train, _ = load_stage_data(
+    train = load_stage_data(
         loaded, "dpo", AutoTokenizer.from_pretrained(out / "sft" / "adapter"), Progress()
-    )
+    ).train
     batch = collate_dpo(train[:4], 1)
     with torch.no_grad():
         sums, _ = sequence_logprobs(sft_model, batch)

@@ -144,7 +144,7 @@ def test_total_steps_edge_cases():
 
 
 def trainer_for(n: int, seed: int = 0, batch_size: int = 4, grad_accum: int = 2) -> Trainer:
-    """A Trainer with only what micro_batches reads (no model, optimizer or accelerator)."""
+    """A Trainer with only what micro_batches reads (no model or optimizer)."""
     s = spec(batch_size=batch_size, grad_accum=grad_accum, epochs=3)
     stage = Stage(
         name="sft",
