@@ -2,7 +2,7 @@
 
     <output_dir>/
       .qalign-run              marks a folder qalign created (nothing else is ever written into a foreign one)
-      .qalign-lock             held (flock) by the one process writing this run; names it for the refusal
+      .qalign-lock             while a process writes this run: held (flock), names it for the refusal
       sft/ dpo/                one folder a stage: adapter/, checkpoints/, metrics.jsonl, recipe.yaml,
                                and dpo/reference/ for the cached reference log-probs
       merged/                  qalign merge's default output
@@ -138,19 +138,32 @@ def _lock(out: Path) -> Iterator[None]:
         yield
         return
     path = out / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
             raise UserError(
                 f"{out} is in use by another qalign process (pid {holder}); wait for it to finish, or stop it "
                 "(it keeps its last checkpoint) and run this again"
             ) from None
+        # The holder before us unlinks the file as it lets go: a lock on that old file guards nothing.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield
     finally:
-        # Closing releases the flock. The file stays: unlinking a lock file races with the next locker.
+        # Unlinked while still held, so the folder is left as it was found; closing releases the flock, and
+        # a killed holder's lock goes with its process.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.close(fd)

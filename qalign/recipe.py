@@ -18,8 +18,6 @@ from pydantic_core import PydanticCustomError
 
 from qalign.errors import UserError
 
-DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -68,9 +68,12 @@ def main(recipe_path: str, overrides: list[str] | None = None) -> dict[str, dict
     model.eval()
 
     results = {}
+    console.print(f"scoring {len(prompts)} held-out prompts (greedy decoding), once per model:")
     with model.disable_adapter():
+        console.print("  the base model")
         results["base"] = answers(model, tokenizer, prompts, stop)
     for stage in ("sft", "dpo"):
+        console.print(f"  after {stage.upper()}")
         model.set_adapter(stage)
         results[f"after {stage.upper()}"] = answers(model, tokenizer, prompts, stop)
 

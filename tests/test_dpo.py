@@ -229,7 +229,7 @@ def test_cached_reference_equals_live_pass_and_step_0_is_log_2(
         model, pairs, 4, tokenizer.pad_token_id, torch.device("cpu"), Progress(), "train"
     )
     batch = collate_dpo(pairs, tokenizer.pad_token_id)
-    live, counts = reference_logprobs(model, batch, reference_adapter, live=True)
+    live, counts = reference_logprobs(model, batch, reference_adapter)
     n = len(pairs)
     assert torch.allclose(cached[:, 0], live[:n].double(), atol=1e-4, rtol=0)
     assert torch.allclose(cached[:, 1], live[n:].double(), atol=1e-4, rtol=0)

@@ -96,8 +96,8 @@ def test_resume_refuses_a_checkpoint_trained_in_another_resolved_dtype(tmp_path,
     state_file = next((stage / "checkpoints").glob("step-*")) / "trainer_state.json"
     state = json.loads(state_file.read_text())
     here = state["identity"]["model"]["resolved_compute_dtype"]
-    assert here in ("float32", "bfloat16")
-    other = "float16"
+    assert here in ("fp32", "bf16")
+    other = "fp16"
     state["identity"]["model"]["resolved_compute_dtype"] = other
     state_file.write_text(json.dumps(state))
     refused = qalign("sft", str(recipe), cwd=tmp_path)

@@ -116,6 +116,7 @@ def test_lock_is_released_by_the_holder_exiting(tmp_path):
                 pass
         finally:
             os.close(fd)
+    assert not (tmp_path / LOCK_FILE).exists()  # let go: the folder is as it was
     with _lock(tmp_path):  # free again once the body is done
         assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
 
