@@ -149,6 +149,18 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def _umask_modes(root: Path) -> None:
+    # safetensors (as other writers going through mkstemp) creates its files 0600 whatever the umask; give
+    # every file the mode a plain open() would have, so a shared run folder stays readable as the user chose.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.chmod(p, 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to ``final`` only once it is complete and durable.
@@ -168,6 +180,7 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _umask_modes(tmp)
         _fsync_tree(tmp)
         _move_into_place(tmp, final, replace=replace)
     except BaseException:
