@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from qalign.checkpoint import atomic_dir, atomic_write_text
 from qalign.errors import UserError
+from qalign.fold import check_adapter, fold, quantized_in_training
 from qalign.progress import Progress
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,35 +49,6 @@ class TrainedAs:
             raise UserError(f"{adapter}: the adapter does not say which base it belongs to; pass --base")
         fields = ("quantization", "double_quant", "compute_dtype", "revision", "trust_remote_code")
         return cls(base=base, **{k: meta[k] for k in fields if k in meta})
-
-
-def lora_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Module name (as in the base model) -> (A, B, scale); the delta scale * B @ A is formed one module at a
-    time while merging, since all of them at once would be a full fp32 copy of the adapted weights."""
-    config_path = adapter / "adapter_config.json"
-    weights_path = adapter / "adapter_model.safetensors"
-    if not config_path.exists() or not weights_path.exists():
-        raise UserError(
-            f"{adapter}: not a LoRA adapter folder (adapter_config.json and adapter_model.safetensors)"
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
-        raise UserError(f"{adapter}: only plain LoRA adapters can be merged (no DoRA, no fan_in_fan_out)")
-    weights = load_file(str(weights_path))
-    factors = {}
-    for key, a in weights.items():
-        if not key.endswith("lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
-        b = weights[key.replace("lora_A", "lora_B")]
-        short = module.rsplit(".", 1)[-1]
-        r = config.get("rank_pattern", {}).get(short, config["r"])
-        alpha = config.get("alpha_pattern", {}).get(short, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        factors[module] = (a, b, scale)
-    if not factors:
-        raise UserError(f"{adapter}: the adapter holds no LoRA weights")
-    return factors
 
 
 def _checkpoint_reader(model_dir: Path) -> dict[str, Path]:
@@ -115,6 +85,11 @@ def roundtrip(weight: torch.Tensor, trained: TrainedAs) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+
+
 def merge_to_folder(
     trained: TrainedAs,
     adapter: Path,
@@ -129,9 +104,8 @@ def merge_to_folder(
     `check` runs on the finished folder before it is renamed into place, so it can add its report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    lora_factors(adapter)  # fail on a bad adapter before the slow base load
+    refuse_existing(out, overwrite)
+    check_adapter(adapter)  # fail on a bad adapter before the slow base load
     if base_weights == "nf4-roundtrip" and trained.quantization == "none":
         base_weights = "original"  # nothing was quantized in training
     try:
@@ -152,7 +126,7 @@ def merge_to_folder(
             f"{trained.base} is a pre-quantized checkpoint; merge needs the original 16-bit weights"
         )
     reader = _checkpoint_reader(Path(trained.base)) if Path(trained.base).is_dir() else {}
-    _fold(model, lora_factors(adapter), reader, base_weights, trained, progress)
+    model = _fold(model, adapter, reader, base_weights, trained, progress)
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -184,27 +158,36 @@ def _stop_at_end_of_turn(model: torch.nn.Module, tokenizer: object) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-@torch.no_grad()
 def _fold(
     model: torch.nn.Module,
-    factors: dict,
+    adapter: Path,
     reader: dict[str, Path],
     base_weights: str,
     trained: TrainedAs,
     progress: Progress,
-) -> None:
-    modules = dict(model.named_modules())
-    missing = [name for name in factors if name not in modules]
-    if missing:
-        raise UserError(f"adapter modules not in {trained.base}: {', '.join(missing[:3])}")
-    with progress.bar("merge", len(factors), 0) as bar:
-        for done, (name, (a, b, scale)) in enumerate(factors.items(), start=1):
-            weight = modules[name].weight
-            start = _stored_weight(reader, f"{name}.weight", weight).float()
-            if base_weights == "nf4-roundtrip":
-                start = roundtrip(start, trained).float()
-            weight.copy_((start + (b.float() @ a.float()) * scale).to(weight.dtype))
-            bar.update(done, {})
+) -> torch.nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    quantized = quantized_in_training(model) if base_weights == "nf4-roundtrip" else set()
+    adapted: set[str] = set()
+
+    def start_weight(name: str, layer: torch.nn.Module) -> torch.Tensor:
+        adapted.add(name)
+        start = _stored_weight(reader, f"{name}.weight", layer.weight).float()
+        if name not in quantized:
+            return start
+        if isinstance(layer, Conv1D):  # transformers quantizes GPT-2's (in, out) weights transposed
+            return roundtrip(start.T, trained).float().T
+        return roundtrip(start, trained).float()
+
+    merged = fold(model, adapter, start_weight, progress)
+    # Layers without LoRA were 4-bit in training too: the merged model must compute with them as trained.
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name in sorted(quantized - adapted):
+            layer = modules[name]
+            layer.weight.data = start_weight(name, layer).to(layer.weight.dtype)
+    return merged
 
 
 @torch.no_grad()
