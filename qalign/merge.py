@@ -336,6 +336,7 @@ def run_merge(
         ):
             progress.info(f"merge is already complete: {out}")
             return out
+    refuse_existing(out, overwrite)  # before reading data: an earlier export stays exactly as it was
     trained = TrainedAs.from_adapter(adapter, base=recipe.model.base)
     conversations = []
     stage_spec = getattr(recipe, adapter.parent.name)
@@ -360,6 +361,6 @@ def run_merge(
         base_weights,
         conversations,
         progress,
-        overwrite=overwrite or out.exists(),
+        overwrite=overwrite,
     )
     return out
