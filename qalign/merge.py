@@ -290,14 +290,30 @@ def merge(
         f"top-1 agreement {result['top1_agreement']:.1%}"
     )
     if result["top1_agreement"] < MIN_TOP1_AGREEMENT or result["mean_kl"] > MAX_MEAN_KL:
-        hint = (
-            "base_weights: original adds the adapter to weights it was not trained against; "
-            "use merge.base_weights: nf4-roundtrip"
-            if base_weights == "original"
-            else "try merge.dtype: fp32 to rule out rounding"
+        progress.warn(
+            "POOR FIDELITY: the merged model does not compute what was trained "
+            f"({fidelity_hint(trained, dtype, base_weights)})"
         )
-        progress.warn(f"POOR FIDELITY: the merged model does not compute what was trained ({hint})")
     return report
+
+
+def fidelity_hint(trained: TrainedAs, dtype: str, base_weights: str) -> str:
+    """What would narrow the gap down, given what this merge already did."""
+    if base_weights == "original" and trained.quantization != "none":
+        return (
+            "base_weights: original adds the adapter to weights it was not trained against; "
+            "use merge.base_weights: nf4-roundtrip (--base-weights nf4-roundtrip)"
+        )
+    if dtype != "fp32":
+        return f"the weights were rounded to {dtype}; merge.dtype: fp32 (--dtype fp32) shows whether that is the cause"
+    # An fp32 fold onto the weights training saw is exact; what is left is the check itself or the base.
+    where = f"{trained.base}" + (f" at revision {trained.revision}" if trained.revision else "")
+    if trained.compute_dtype != "fp32":
+        return (
+            f"the fold is exact in fp32, so the gap is {trained.compute_dtype} compute rounding in the check, "
+            f"or {where} is not the base this adapter was trained on"
+        )
+    return f"the fold is exact in fp32, so {where} is not the base this adapter was trained on; check --base"
 
 
 def adapter_digest(adapter: Path) -> str:

@@ -189,3 +189,23 @@ def test_merge_overwrite_help_speaks_of_the_output_folder():
     result = CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "Replace the output folder" in result.output and "finished adapter" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("quantization", "compute", "dtype", "base_weights", "expect", "never"),
+    [
+        ("nf4", "fp32", "bf16", "original", "--base-weights nf4-roundtrip", "dtype: fp32"),
+        ("nf4", "fp32", "bf16", "nf4-roundtrip", "--dtype fp32", "base_weights"),
+        ("nf4", "bf16", "fp32", "nf4-roundtrip", "bf16 compute", "dtype: fp32"),
+        ("nf4", "fp32", "fp32", "nf4-roundtrip", "not the base", "dtype: fp32"),
+        ("none", "fp32", "fp16", "original", "--dtype fp32", "nf4-roundtrip"),
+    ],
+)
+def test_poor_fidelity_hint_suggests_what_this_merge_did_not_already_do(
+    quantization, compute, dtype, base_weights, expect, never
+):
+    from qalign.merge import TrainedAs, fidelity_hint
+
+    trained = TrainedAs(base="org/model", quantization=quantization, compute_dtype=compute)
+    hint = fidelity_hint(trained, dtype, base_weights)
+    assert expect in hint and never not in hint
