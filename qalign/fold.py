@@ -61,7 +61,7 @@ def check_adapter(adapter: Path) -> dict:
         )
     with safe_open(str(weights_path), "pt") as handle:
         keys = handle.keys()
-    if not any(".lora_A." in key for key in keys):
+    if not any(".lora_A." in key or ".lora_embedding_A" in key for key in keys):
         raise UserError(f"{adapter}: the adapter holds no LoRA weights")
     return config
 
@@ -129,15 +129,16 @@ def fold(
             base = layer.get_base_layer()
             dtype = base.weight.dtype
             base.weight.data = start_weight(name, base).float()
-            if base.bias is not None:  # lora_bias adds to it
-                base.bias.data = base.bias.data.float()
+            bias = getattr(base, "bias", None)  # embeddings have none
+            if bias is not None:  # lora_bias adds to it
+                bias.data = bias.data.float()
             try:
                 layer.merge()
             except (RuntimeError, ValueError) as exc:  # e.g. lora_bias on a layer without a bias
                 raise UserError(f"{adapter}: cannot merge into {name}: {str(exc).splitlines()[0]}") from None
             base.weight.data = base.weight.data.to(dtype)
-            if base.bias is not None:
-                base.bias.data = base.bias.data.to(dtype)
+            if bias is not None:
+                bias.data = bias.data.to(dtype)
             bar.update(done, {})
     # The LoRA layers are merged already (peft would say so); this unwraps them and swaps in the
     # modules_to_save copies.

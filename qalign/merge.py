@@ -102,7 +102,7 @@ def merge_to_folder(
 ) -> None:
     """Write the merged model (sharded safetensors, config without quantization, tokenizer) atomically;
     `check` runs on the finished folder before it is renamed into place, so it can add its report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     refuse_existing(out, overwrite)
     check_adapter(adapter)  # fail on a bad adapter before the slow base load
@@ -130,7 +130,7 @@ def merge_to_folder(
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tokenizer = load_tokenizer(adapter, trained)
     _stop_at_end_of_turn(model, tokenizer)
     with atomic_dir(out, replace=overwrite) as folder:
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
@@ -140,6 +140,23 @@ def merge_to_folder(
         if check is not None:
             check(folder)
     progress.info(f"merged model written to {out} ({dtype}, base weights {base_weights})")
+
+
+def load_tokenizer(adapter: Path, trained: TrainedAs) -> object:
+    """The tokenizer qalign saved with the adapter (the one trained with, chat template included), else the
+    base's: adapters saved by peft alone carry none."""
+    from transformers import AutoTokenizer
+
+    if (adapter / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(adapter)
+    try:
+        return AutoTokenizer.from_pretrained(
+            trained.base, revision=trained.revision, trust_remote_code=trained.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{adapter} has no tokenizer and the base's does not load: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _stop_at_end_of_turn(model: torch.nn.Module, tokenizer: object) -> None:
@@ -265,7 +282,6 @@ def merge(
     overwrite: bool = False,
 ) -> dict:
     """Merge, check fidelity on the finished folder, and save merge_report.json beside the weights."""
-    from transformers import AutoTokenizer
 
     report: dict = {
         "base": trained.base,
@@ -277,7 +293,7 @@ def merge(
     }
 
     def check(folder: Path) -> None:
-        texts = sample_texts(AutoTokenizer.from_pretrained(adapter), conversations)
+        texts = sample_texts(load_tokenizer(adapter, trained), conversations)
         report["fidelity"] = fidelity(trained, adapter, folder, texts)
         atomic_write_text(folder / "merge_report.json", json.dumps(report, indent=2) + "\n")
 

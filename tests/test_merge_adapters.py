@@ -34,9 +34,11 @@ CASES = {
         "qwen2",
         dict(target_modules=["q_proj", "v_proj"], use_rslora=True, lora_bias=True),
     ),
+    "lora_on_embeddings": ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
     "dora": ("llama", dict(target_modules=["q_proj", "k_proj", "gate_proj"], use_dora=True)),
     "tied_lm_head_to_save": ("llama-tied", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "tied_lora_on_lm_head": ("llama-tied", dict(target_modules=["q_proj", "lm_head"])),
+    "tied_lora_on_embeddings": ("llama-tied", dict(target_modules=["embed_tokens"])),
 }
 
 
@@ -94,7 +96,6 @@ def load(base: Path, quantized: bool = False) -> torch.nn.Module:
 
 def make_adapter(base: Path, out: Path, quantized: bool = False, **lora) -> Path:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
 
     model = get_peft_model(
         load(base, quantized), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora)
@@ -104,8 +105,7 @@ def make_adapter(base: Path, out: Path, quantized: bool = False, **lora) -> Path
         for param in model.parameters():
             if param.requires_grad:  # factors, biases, magnitudes and module copies alike
                 param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    model.save_pretrained(out)  # no tokenizer, as peft alone saves it: merge takes the base's
     return out
 
 
@@ -121,7 +121,7 @@ def logits(model: torch.nn.Module, tokenizer_dir: Path) -> list[torch.Tensor]:
 def peft_logits(base: Path, adapter: Path, quantized: bool) -> list[torch.Tensor]:
     from peft import PeftModel
 
-    return logits(PeftModel.from_pretrained(load(base, quantized), str(adapter)).eval(), adapter)
+    return logits(PeftModel.from_pretrained(load(base, quantized), str(adapter)).eval(), base)
 
 
 def merged_logits(base: Path, adapter: Path, out: Path, base_weights: str) -> list[torch.Tensor]:
