@@ -226,3 +226,15 @@ def test_every_file_of_a_merge_output_follows_the_umask(bases, tmp_path):
     found = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert "model.safetensors" in found and "merge_report.json" in found
     assert set(found.values()) == {0o644}, {k: oct(v) for k, v in found.items()}
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_gpt2_conv1d_layers_merge_in_both_orientations(bases, tmp_path, quantized):
+    """GPT-2's Conv1D stores weights (in, out): 4-bit training sees them transposed (fan_in_fan_out false),
+    16-bit training as they are (fan_in_fan_out true); both must fold onto the 16-bit Conv1D exactly."""
+    base = bases("gpt2")
+    lora = dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=not quantized)
+    adapter = make_adapter(base, tmp_path / "adapter", quantized=quantized, **lora)
+    expected = peft_logits(base, adapter, quantized=quantized)
+    mode = "nf4-roundtrip" if quantized else "original"
+    assert max_diff(merged_logits(base, adapter, tmp_path / "merged", mode), expected) < 1e-4
