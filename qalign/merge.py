@@ -200,10 +200,14 @@ def _fold(
     merged = fold(model, adapter, start_weight, progress)
     # Layers without LoRA were 4-bit in training too: the merged model must compute with them as trained.
     modules = dict(merged.named_modules())
-    with torch.no_grad():
-        for name in sorted(quantized - adapted):
+    plain = sorted(quantized - adapted)
+    if not plain:
+        return merged
+    with torch.no_grad(), progress.bar("round-trip", len(plain), 0, unit="layer") as bar:
+        for done, name in enumerate(plain, start=1):
             layer = modules[name]
             layer.weight.data = start_weight(name, layer).to(layer.weight.dtype)
+            bar.update(done, {})
     return merged
 
 

@@ -148,15 +148,18 @@ def test_a_peft_adapter_merges_to_what_peft_computes(bases, tmp_path, case):
     assert max_diff(got, expected) < 1e-4
 
 
-def test_nf4_roundtrip_matches_peft_on_the_4bit_base(bases, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_nf4_roundtrip_matches_peft_on_the_4bit_base(bases, tmp_path, dora):
     """Trained on the 4-bit base with a LoRA on lm_head (which transformers keeps in 16-bit: it must not be
-    round-tripped), a per-path rank, biases and a saved embedding copy."""
+    round-tripped), a per-path rank, biases and a saved embedding copy; k_proj, o_proj, gate_proj and up_proj
+    carry no LoRA but were 4-bit too. With DoRA, the magnitudes were trained against the 4-bit weights' norms."""
     base = bases("qwen2")
     lora = dict(
-        target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+        target_modules=["q_proj", "v_proj", "down_proj", *([] if dora else ["lm_head"])],
         rank_pattern={Q0: 2},
         bias="lora_only",
         modules_to_save=["embed_tokens"],
+        use_dora=dora,
     )
     adapter = make_adapter(base, tmp_path / "adapter", quantized=True, **lora)
     expected = peft_logits(base, adapter, quantized=True)
