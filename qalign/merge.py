@@ -1,10 +1,10 @@
 """Folding a LoRA adapter into full-precision weights, and checking that the result computes what was trained.
 
 Never into 4-bit weights: the base is loaded once in 16-bit, each adapted weight gets its LoRA delta added in
-fp32 and is cast once. With `nf4-roundtrip` the weight the delta is added to is the base weight quantized and
-dequantized exactly as training saw it (read from the checkpoint in its stored precision, quantized with the
-same block size, type and double quantization), so the merged model computes what was trained; `original`
-adds it to the untouched weights instead.
+fp32 (by peft, see fold.py) and is cast once. With `nf4-roundtrip` every layer training quantized, adapted or
+not, is the base weight quantized and dequantized exactly as training saw it (read from the checkpoint in its
+stored precision, quantized with the same block size, type and double quantization), so the merged model
+computes what was trained; `original` keeps the untouched weights instead.
 """
 
 from __future__ import annotations
@@ -286,7 +286,6 @@ def merge(
     overwrite: bool = False,
 ) -> dict:
     """Merge, check fidelity on the finished folder, and save merge_report.json beside the weights."""
-
     report: dict = {
         "base": trained.base,
         "adapter": str(adapter),
@@ -333,7 +332,9 @@ def fidelity_hint(trained: TrainedAs, dtype: str, base_weights: str) -> str:
             f"the fold is exact in fp32, so the gap is {trained.compute_dtype} compute rounding in the check, "
             f"or {where} is not the base this adapter was trained on"
         )
-    return f"the fold is exact in fp32, so {where} is not the base this adapter was trained on; check --base"
+    return (
+        f"the fold is exact in fp32, so {where} is not the base this adapter was trained on; check model.base"
+    )
 
 
 def adapter_digest(adapter: Path) -> str:
