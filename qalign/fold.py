@@ -31,9 +31,9 @@ UNMERGEABLE_KEYS = (
     "target_parameters",
     "trainable_token_indices",
 )
-# Initialisations that leave the base weights as they are; the others (pissa, olora, corda, loftq...) train
-# against modified base weights, which merging into the original base would silently ignore.
-PLAIN_INITS = (True, False, "gaussian", "eva")
+# Initialisations that leave the base weights as they are; the others (pissa, olora, corda, loftq, lora_ga...)
+# train against modified base weights, which merging into the original base would silently ignore.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def check_adapter(adapter: Path) -> dict:
@@ -134,7 +134,7 @@ def fold(
                 bias.data = bias.data.float()
             try:
                 layer.merge()
-            except (RuntimeError, ValueError) as exc:  # e.g. lora_bias on a layer without a bias
+            except (RuntimeError, ValueError, NotImplementedError) as exc:  # e.g. lora_bias, no base bias
                 raise UserError(f"{adapter}: cannot merge into {name}: {str(exc).splitlines()[0]}") from None
             base.weight.data = base.weight.data.to(dtype)
             if bias is not None:

@@ -35,6 +35,8 @@ CASES = {
         dict(target_modules=["q_proj", "v_proj"], use_rslora=True, lora_bias=True),
     ),
     "lora_on_embeddings": ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
+    "orthogonal_init": ("llama", dict(target_modules=["q_proj", "up_proj"], init_lora_weights="orthogonal")),
+    "mica_init": ("llama", dict(target_modules=["q_proj", "up_proj"], init_lora_weights="mica")),
     "dora": ("llama", dict(target_modules=["q_proj", "k_proj", "gate_proj"], use_dora=True)),
     "tied_lm_head_to_save": ("llama-tied", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "tied_lora_on_lm_head": ("llama-tied", dict(target_modules=["q_proj", "lm_head"])),
@@ -97,9 +99,8 @@ def load(base: Path, quantized: bool = False) -> torch.nn.Module:
 def make_adapter(base: Path, out: Path, quantized: bool = False, **lora) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(
-        load(base, quantized), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora)
-    )
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, **lora})
+    model = get_peft_model(load(base, quantized), config)
     torch.manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -176,6 +177,7 @@ def test_nf4_roundtrip_matches_peft_on_the_4bit_base(bases, tmp_path, dora):
         ("alora_invocation_tokens", [5, 6]),
         ("trainable_token_indices", [1, 2]),
         ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "lora_ga"),
     ],
 )
 def test_what_merge_cannot_fold_exactly_is_refused_naming_the_key(bases, tmp_path, key, value):
