@@ -126,6 +126,32 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (set-and-restore would briefly give
+    other threads' new files the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask_modes(root: Path) -> None:
+    # safetensors (as other writers going through mkstemp) creates its files 0600 whatever the umask; give
+    # every file the mode a plain open() would have, so a shared run folder stays readable as the user chose.
+    mode = 0o666 & ~current_umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                os.chmod(p, mode)
+
+
 @contextmanager
 def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it to ``final`` only once it is complete and durable.
@@ -145,6 +171,7 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _umask_modes(tmp)
         _fsync_tree(tmp)
         _move_into_place(tmp, final, replace=replace)
     except BaseException:

@@ -314,7 +314,13 @@ def merge(
         ),
     ] = None,
     set_: SetOpt = None,
-    overwrite: Overwrite = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the output folder if it exists (the old one stays until the new export is complete).",
+        ),
+    ] = False,
 ) -> None:
     """Fold the adapter into 16-bit weights: a standalone model that plain transformers loads."""
     from qalign.progress import Progress

@@ -1,84 +1,31 @@
 """Folding a LoRA adapter into full-precision weights, and checking that the result computes what was trained.
 
 Never into 4-bit weights: the base is loaded once in 16-bit, each adapted weight gets its LoRA delta added in
-fp32 and is cast once. With `nf4-roundtrip` the weight the delta is added to is the base weight quantized and
-dequantized exactly as training saw it (read from the checkpoint in its stored precision, quantized with the
-same block size, type and double quantization), so the merged model computes what was trained; `original`
-adds it to the untouched weights instead.
+fp32 (by peft, see fold.py) and is cast once. With `nf4-roundtrip` every layer training quantized, adapted or
+not, is the base weight quantized and dequantized exactly as training saw it (read from the checkpoint in its
+stored precision, quantized with the same block size, type and double quantization), so the merged model
+computes what was trained; `original` keeps the untouched weights instead.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
+from qalign.adapter import TrainedAs, adapter_digest
 from qalign.atomic import atomic_dir, atomic_write_text
 from qalign.errors import UserError
+from qalign.fold import check_adapter, fold, quantized_in_training
+from qalign.model import DTYPES
 from qalign.progress import Progress
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # bitsandbytes' 4-bit block size, which transformers' loader uses.
 BLOCKSIZE = 64
-
-
-@dataclass
-class TrainedAs:
-    """How the base was loaded for training (from the adapter's qalign.json, or the recipe)."""
-
-    base: str
-    quantization: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "fp32"
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    @classmethod
-    def from_adapter(cls, adapter: Path, base: str | None = None) -> TrainedAs:
-        meta_path = adapter / "qalign.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        config = json.loads((adapter / "adapter_config.json").read_text())
-        base = base or meta.get("base") or config.get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{adapter}: the adapter does not say which base it belongs to; pass --base")
-        fields = ("quantization", "double_quant", "compute_dtype", "revision", "trust_remote_code")
-        return cls(base=base, **{k: meta[k] for k in fields if k in meta})
-
-
-def lora_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Module name (as in the base model) -> (A, B, scale); the delta scale * B @ A is formed one module at a
-    time while merging, since all of them at once would be a full fp32 copy of the adapted weights."""
-    config_path = adapter / "adapter_config.json"
-    weights_path = adapter / "adapter_model.safetensors"
-    if not config_path.exists() or not weights_path.exists():
-        raise UserError(
-            f"{adapter}: not a LoRA adapter folder (adapter_config.json and adapter_model.safetensors)"
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("fan_in_fan_out"):
-        raise UserError(f"{adapter}: only plain LoRA adapters can be merged (no DoRA, no fan_in_fan_out)")
-    weights = load_file(str(weights_path))
-    factors = {}
-    for key, a in weights.items():
-        if not key.endswith("lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
-        b = weights[key.replace("lora_A", "lora_B")]
-        short = module.rsplit(".", 1)[-1]
-        r = config.get("rank_pattern", {}).get(short, config["r"])
-        alpha = config.get("alpha_pattern", {}).get(short, config["lora_alpha"])
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        factors[module] = (a, b, scale)
-    if not factors:
-        raise UserError(f"{adapter}: the adapter holds no LoRA weights")
-    return factors
 
 
 def _checkpoint_reader(model_dir: Path) -> dict[str, Path]:
@@ -115,6 +62,11 @@ def roundtrip(weight: torch.Tensor, trained: TrainedAs) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+
+
 def merge_to_folder(
     trained: TrainedAs,
     adapter: Path,
@@ -127,11 +79,10 @@ def merge_to_folder(
 ) -> None:
     """Write the merged model (sharded safetensors, config without quantization, tokenizer) atomically;
     `check` runs on the finished folder before it is renamed into place, so it can add its report."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    lora_factors(adapter)  # fail on a bad adapter before the slow base load
+    refuse_existing(out, overwrite)
+    check_adapter(adapter)  # fail on a bad adapter before the slow base load
     if base_weights == "nf4-roundtrip" and trained.quantization == "none":
         base_weights = "original"  # nothing was quantized in training
     try:
@@ -152,11 +103,11 @@ def merge_to_folder(
             f"{trained.base} is a pre-quantized checkpoint; merge needs the original 16-bit weights"
         )
     reader = _checkpoint_reader(Path(trained.base)) if Path(trained.base).is_dir() else {}
-    _fold(model, lora_factors(adapter), reader, base_weights, trained, progress)
+    model = _fold(model, adapter, reader, base_weights, trained, progress)
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tokenizer = load_tokenizer(adapter, trained)
     _stop_at_end_of_turn(model, tokenizer)
     with atomic_dir(out, replace=overwrite) as folder:
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
@@ -166,6 +117,23 @@ def merge_to_folder(
         if check is not None:
             check(folder)
     progress.info(f"merged model written to {out} ({dtype}, base weights {base_weights})")
+
+
+def load_tokenizer(adapter: Path, trained: TrainedAs) -> object:
+    """The tokenizer qalign saved with the adapter (the one trained with, chat template included), else the
+    base's: adapters saved by peft alone carry none."""
+    from transformers import AutoTokenizer
+
+    if (adapter / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(adapter)
+    try:
+        return AutoTokenizer.from_pretrained(
+            trained.base, revision=trained.revision, trust_remote_code=trained.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{adapter} has no tokenizer and the base's does not load: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _stop_at_end_of_turn(model: torch.nn.Module, tokenizer: object) -> None:
@@ -184,27 +152,40 @@ def _stop_at_end_of_turn(model: torch.nn.Module, tokenizer: object) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-@torch.no_grad()
 def _fold(
     model: torch.nn.Module,
-    factors: dict,
+    adapter: Path,
     reader: dict[str, Path],
     base_weights: str,
     trained: TrainedAs,
     progress: Progress,
-) -> None:
-    modules = dict(model.named_modules())
-    missing = [name for name in factors if name not in modules]
-    if missing:
-        raise UserError(f"adapter modules not in {trained.base}: {', '.join(missing[:3])}")
-    with progress.bar("merge", len(factors), 0) as bar:
-        for done, (name, (a, b, scale)) in enumerate(factors.items(), start=1):
-            weight = modules[name].weight
-            start = _stored_weight(reader, f"{name}.weight", weight).float()
-            if base_weights == "nf4-roundtrip":
-                start = roundtrip(start, trained).float()
-            weight.copy_((start + (b.float() @ a.float()) * scale).to(weight.dtype))
+) -> torch.nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    quantized = quantized_in_training(model) if base_weights == "nf4-roundtrip" else set()
+    adapted: set[str] = set()
+
+    def start_weight(name: str, layer: torch.nn.Module) -> torch.Tensor:
+        adapted.add(name)
+        start = _stored_weight(reader, f"{name}.weight", layer.weight).float()
+        if name not in quantized:
+            return start
+        if isinstance(layer, Conv1D):  # transformers quantizes GPT-2's (in, out) weights transposed
+            return roundtrip(start.T, trained).float().T
+        return roundtrip(start, trained).float()
+
+    merged = fold(model, adapter, start_weight, progress)
+    # Layers without LoRA were 4-bit in training too: the merged model must compute with them as trained.
+    modules = dict(merged.named_modules())
+    plain = sorted(quantized - adapted)
+    if not plain:
+        return merged
+    with torch.no_grad(), progress.bar("round-trip", len(plain), 0, unit="layer") as bar:
+        for done, name in enumerate(plain, start=1):
+            layer = modules[name]
+            layer.weight.data = start_weight(name, layer).to(layer.weight.dtype)
             bar.update(done, {})
+    return merged
 
 
 @torch.no_grad()
@@ -282,8 +263,6 @@ def merge(
     overwrite: bool = False,
 ) -> dict:
     """Merge, check fidelity on the finished folder, and save merge_report.json beside the weights."""
-    from transformers import AutoTokenizer
-
     report: dict = {
         "base": trained.base,
         "adapter": str(adapter),
@@ -294,7 +273,7 @@ def merge(
     }
 
     def check(folder: Path) -> None:
-        texts = sample_texts(AutoTokenizer.from_pretrained(adapter), conversations)
+        texts = sample_texts(load_tokenizer(adapter, trained), conversations)
         report["fidelity"] = fidelity(trained, adapter, folder, texts)
         atomic_write_text(folder / "merge_report.json", json.dumps(report, indent=2) + "\n")
 
@@ -307,20 +286,32 @@ def merge(
         f"top-1 agreement {result['top1_agreement']:.1%}"
     )
     if result["top1_agreement"] < MIN_TOP1_AGREEMENT or result["mean_kl"] > MAX_MEAN_KL:
-        hint = (
-            "base_weights: original adds the adapter to weights it was not trained against; "
-            "use merge.base_weights: nf4-roundtrip"
-            if base_weights == "original"
-            else "try merge.dtype: fp32 to rule out rounding"
+        progress.warn(
+            "POOR FIDELITY: the merged model does not compute what was trained "
+            f"({fidelity_hint(trained, dtype, base_weights)})"
         )
-        progress.warn(f"POOR FIDELITY: the merged model does not compute what was trained ({hint})")
     return report
 
 
-def adapter_digest(adapter: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:20]
+def fidelity_hint(trained: TrainedAs, dtype: str, base_weights: str) -> str:
+    """What would narrow the gap down, given what this merge already did."""
+    if base_weights == "original" and trained.quantization != "none":
+        return (
+            "base_weights: original adds the adapter to weights it was not trained against; "
+            "use merge.base_weights: nf4-roundtrip (--base-weights nf4-roundtrip)"
+        )
+    if dtype != "fp32":
+        return f"the weights were rounded to {dtype}; merge.dtype: fp32 (--dtype fp32) shows whether that is the cause"
+    # An fp32 fold onto the weights training saw is exact; what is left is the check itself or the base.
+    where = f"{trained.base}" + (f" at revision {trained.revision}" if trained.revision else "")
+    if trained.compute_dtype != "fp32":
+        return (
+            f"the fold is exact in fp32, so the gap is {trained.compute_dtype} compute rounding in the check, "
+            f"or {where} is not the base this adapter was trained on"
+        )
+    return (
+        f"the fold is exact in fp32, so {where} is not the base this adapter was trained on; check model.base"
+    )
 
 
 def run_merge(
@@ -353,6 +344,7 @@ def run_merge(
         ):
             progress.info(f"merge is already complete: {out}")
             return out
+    refuse_existing(out, overwrite)  # before reading data: an earlier export stays exactly as it was
     trained = TrainedAs.from_adapter(adapter, base=recipe.model.base)
     conversations = []
     stage_spec = getattr(recipe, adapter.parent.name)
@@ -377,6 +369,6 @@ def run_merge(
         base_weights,
         conversations,
         progress,
-        overwrite=overwrite or out.exists(),
+        overwrite=overwrite,
     )
     return out

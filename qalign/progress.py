@@ -1,11 +1,12 @@
 """What a run shows the user: a Rich progress bar with ETA and live metrics, info lines and warnings.
 
-When the output is not a terminal (CI, `nohup`, a pipe) the bar becomes a plain line every tenth of the run,
-so logs stay readable.
+When the output is not a terminal (CI, `nohup`, a pipe) the bar becomes a plain line every tenth of the run
+and at least once a minute in between, so logs stay readable and a long stretch never looks stuck.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,9 +50,9 @@ class Progress:
         self.err.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
     @contextmanager
-    def bar(self, name: str, total: int, start: int) -> Iterator[_Bar]:
+    def bar(self, name: str, total: int, start: int, unit: str = "step") -> Iterator[_Bar]:
         if not self.console.is_terminal:
-            yield _PlainBar(self, name, total)
+            yield _PlainBar(self, name, total, unit)
             return
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -81,10 +82,19 @@ class _RichBar(_Bar):
 
 
 class _PlainBar(_Bar):
-    def __init__(self, progress: Progress, name: str, total: int) -> None:
-        self.progress, self.name, self.total = progress, name, total
+    EVERY_S = 60.0
+
+    def __init__(self, progress: Progress, name: str, total: int, unit: str) -> None:
+        self.progress, self.name, self.total, self.unit = progress, name, total, unit
         self.every = max(1, total // 10)
+        self.started = self.last = time.monotonic()
 
     def update(self, step: int, metrics: dict) -> None:
-        if step % self.every == 0 or step == self.total:
-            self.progress.info(f"{self.name} step {step}/{self.total}  {format_metrics(metrics)}")
+        now = time.monotonic()
+        if step % self.every and step != self.total and now - self.last < self.EVERY_S:
+            return
+        self.last = now
+        seconds = int(now - self.started)
+        elapsed = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        line = f"{self.name} {self.unit} {step}/{self.total} ({elapsed})"
+        self.progress.info("  ".join(part for part in (line, format_metrics(metrics)) if part))

@@ -158,3 +158,55 @@ def test_run_again_skips_the_finished_merge(trained_run):
     again = qalign("run", str(recipe), cwd=folder)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already complete") == 3
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_merging_another_stage_over_a_finished_merge_needs_overwrite(trained_run):
+    """The run merged dpo into runs/tiny/merged; merging sft there without --overwrite must leave it as it was."""
+    folder, recipe, _ = trained_run
+    out = folder / "runs" / "tiny" / "merged"
+    before = snapshot(out)
+    refused = qalign("merge", str(recipe), "--stage", "sft", cwd=folder)
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr.strip()
+    assert "\n" not in message and str(out) in message and "--overwrite" in message
+    assert snapshot(out) == before
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_merge_overwrite_help_speaks_of_the_output_folder():
+    from typer.testing import CliRunner
+
+    from qalign.cli import app
+
+    result = CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "Replace the output folder" in result.output and "finished adapter" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("quantization", "compute", "dtype", "base_weights", "expect", "never"),
+    [
+        ("nf4", "fp32", "bf16", "original", "--base-weights nf4-roundtrip", "dtype: fp32"),
+        ("nf4", "fp32", "bf16", "nf4-roundtrip", "--dtype fp32", "base_weights"),
+        ("nf4", "bf16", "fp32", "nf4-roundtrip", "bf16 compute", "dtype: fp32"),
+        ("nf4", "fp32", "fp32", "nf4-roundtrip", "not the base", "dtype: fp32"),
+        ("none", "fp32", "fp16", "original", "--dtype fp32", "nf4-roundtrip"),
+    ],
+)
+def test_poor_fidelity_hint_suggests_what_this_merge_did_not_already_do(
+    quantization, compute, dtype, base_weights, expect, never
+):
+    from qalign.adapter import TrainedAs
+    from qalign.merge import fidelity_hint
+
+    trained = TrainedAs(base="org/model", quantization=quantization, compute_dtype=compute)
+    hint = fidelity_hint(trained, dtype, base_weights)
+    assert expect in hint and never not in hint
