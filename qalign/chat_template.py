@@ -16,13 +16,21 @@ straddles a prompt and its reply, and the prompt part tokenizes as `qalign chat`
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from qalign.errors import UserError
-from qalign.template_text import closing_text, prefix_prompt, render_prompt_text, render_spelled
+from qalign.template_text import (
+    REFUSALS,
+    apply,
+    closing_text,
+    prefix_prompt,
+    render_prompt_text,
+    render_spelled,
+)
 
 IGNORE = -100
 
@@ -53,10 +61,11 @@ class Rendered:
 class _Span:
     start: int
     end: int
-    prompt_tail: str = ""
-    """Generation-prompt text the whole render lacks at this turn (DeepSeek-R1's "<think>\\n")."""
-    reply: str | None = None
-    """The trained text when it is not the rendered text between start and end."""
+    tail: str = ""
+    """Generation-prompt text the conversation lacks before this turn (DeepSeek-R1's "<think>\\n")."""
+    prompt_differs: bool = False
+    """The generation prompt shows earlier turns differently from the conversation (Mistral v0.3 moves the
+    system turn into the last user turn)."""
 
 
 def render(
@@ -83,81 +92,126 @@ def render_conversation(
         for i, m in enumerate(spelled)
         if m["role"] == "assistant" and i >= trained_from and (not last_turn_only or i == len(spelled) - 1)
     ]
+    closing = closing_text(tokenizer, spelled, trained[-1]) if trained else ""
+    text, final = full, None
+    if trained and trained[-1] == len(spelled) - 1:
+        # The last turn is what a chat prompt is answered with: its prompt must be exactly the generation
+        # prompt, even where the template renders the conversation otherwise (see _Span).
+        prompt = prefix_prompt(tokenizer, spelled, trained[-1])
+        if not full.startswith(prompt):
+            span = _locate(tokenizer, spelled, full, trained[-1], closing, 0, prompt)
+            if span is not None:
+                reply = _reply_after_prompt(
+                    spelled[trained[-1]], full[span.start : span.end], span.tail, closing
+                )
+                text = prompt + reply + full[span.end :]
+                final = _Span(len(prompt), len(prompt) + len(reply))
     spans: list[_Span] = []
     unmasked = 0
-    closing = closing_text(tokenizer, spelled, trained[-1]) if trained else ""
     floor = 0
-    for i in trained:
-        span = _locate(tokenizer, spelled, full, i, closing, floor)
-        if span is None:
+    for i in trained if final is None else trained[:-1]:
+        span = _locate(tokenizer, spelled, text, i, closing, floor, prefix_prompt(tokenizer, spelled, i))
+        if span is None or (final is not None and span.end > final.start):
             # The template does not show this turn's content (it hides or rewrites it): training on what it
             # shows instead would teach text no one wrote.
             unmasked += 1
             continue
         spans.append(span)
         floor = span.end
+    if final is not None:
+        spans.append(final)
 
-    ids, labels = _tokenize(tokenizer, full, spans)
+    ids, labels = _tokenize(tokenizer, text, spans)
     ids, labels = _one_bos(tokenizer, ids, labels)
     eos_appended = False
-    ends_conversation = spans and spans[-1].end >= len(full.rstrip()) and trained[-1] == len(spelled) - 1
-    if spans and not closing and ends_conversation and tokenizer.eos_token_id is not None:
+    ends_conversation = (
+        bool(spans) and spans[-1].end >= len(text.rstrip()) and trained[-1] == len(spelled) - 1
+    )
+    if ends_conversation and not closing and tokenizer.eos_token_id is not None:
         last = max(j for j, label in enumerate(labels) if label != IGNORE)
         ids.insert(last + 1, tokenizer.eos_token_id)
         labels.insert(last + 1, tokenizer.eos_token_id)
         eos_appended = True
-    return Rendered(ids, labels, eos_appended, unmasked, full)
+    return Rendered(ids, labels, eos_appended, unmasked, text)
 
 
 def _locate(
-    tokenizer: PreTrainedTokenizerBase, spelled: list[dict], full: str, turn: int, closing: str, floor: int
+    tokenizer: PreTrainedTokenizerBase,
+    spelled: list[dict],
+    text: str,
+    turn: int,
+    closing: str,
+    floor: int,
+    prompt: str,
 ) -> _Span | None:
+    """Where assistant turn `turn` lies in `text`: from the end of its generation prompt to the end of the
+    text that closes it. None when the text does not show the turn's content."""
     message = spelled[turn]
-    prompt = prefix_prompt(tokenizer, spelled, turn)
-    start = _common_prefix(prompt, full)
+    tail, differs = "", False
+    if text.startswith(prompt):
+        start = len(prompt)
+    else:
+        start = _common_prefix(prompt, text)
+        if start >= len(_history(tokenizer, spelled, turn)):
+            tail = prompt[start:]  # only the generation prompt differs: it opens the reply (R1's "<think>")
+        else:
+            start, differs = _anchor(spelled, text, turn, prompt, floor), True
+            if start < 0:
+                return None
     if start < floor:
         return None
-    tail = prompt[start:]
     content = message.get("content") or ""
     visible = content.split("</think>")[-1].strip()
     if closing:
-        found = full.find(closing, start)
-        if found < 0:
-            return None
+        found = text.find(closing, start)
         end = found + len(closing)
     else:
         # Plain-text turn endings: the reply stops where its content does.
-        found = full.find(visible, start) if visible else -1
-        if found < 0:
-            return None
+        found = text.find(visible, start) if visible else -1
         end = found + len(visible)
-    shown = full[start:end]
+    if found < 0:
+        return None
+    shown = text[start:end]
     if visible and visible not in shown:
         return None
-    if message.get("tool_calls") and not all(
-        call["function"]["name"] in shown for call in message["tool_calls"]
-    ):
+    calls = message.get("tool_calls") or []
+    if not all(call["function"]["name"] in shown for call in calls):
         raise UserError(f"turn {turn} (assistant): this model's chat template does not show tool calls")
-    span = _Span(start, end)
-    if tail and turn == len(spelled) - 1:
-        # The generation prompt ends in text the rendered turn lacks (DeepSeek-R1 opens "<think>\n" there and
-        # drops reasoning from every turn it renders). Train as the model is prompted: that prompt, then
-        # what follows it in the data (the reasoning, when the content carries it).
-        span.prompt_tail = tail
-        span.reply = (
-            _after_prompt_tail(content, tail) + shown[len(shown) - len(closing) :] if closing else None
-        )
-        if span.reply is None or not span.reply.strip():
-            span.reply = shown
-    return span
+    return _Span(start, end, tail, differs)
 
 
-def _after_prompt_tail(content: str, tail: str) -> str:
+def _history(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int) -> str:
+    try:
+        return apply(tokenizer, spelled[:turn]) if turn else ""
+    except REFUSALS:
+        return ""
+
+
+def _anchor(spelled: list[dict], text: str, turn: int, prompt: str, floor: int) -> int:
+    """Where the turn starts when the generation prompt shows earlier turns differently from `text`: right
+    after the turn before it (its content and what the prompt puts after that content)."""
+    before = (spelled[turn - 1].get("content") or "").strip() if turn else ""
+    if not before or before not in prompt:
+        return -1
+    after = prompt[prompt.rfind(before) + len(before) :]
+    found = text.find(before + after, floor)
+    return found + len(before + after) if found >= 0 else -1
+
+
+def _reply_after_prompt(message: dict, shown: str, tail: str, closing: str) -> str:
+    """The text the model writes after the generation prompt for the final turn. Where that prompt ends in
+    text the conversation lacks (DeepSeek-R1 opens "<think>\\n" there, and drops reasoning from every turn it
+    renders), the reply is what follows that text in the data: the reasoning too, when the content has it."""
+    if not tail:
+        return shown
+    content = message.get("content") or ""
     if content.startswith(tail):
-        return content[len(tail) :]
-    if tail.strip() and content.lstrip().startswith(tail.strip()):
-        return content.lstrip()[len(tail.strip()) :].lstrip("\n")
-    return content.split("</think>")[-1] if "</think>" in content else content
+        body = content[len(tail) :]
+    elif tail.strip() and content.lstrip().startswith(tail.strip()):
+        body = content.lstrip()[len(tail.strip()) :].lstrip("\n")
+    else:
+        return shown
+    return body + shown[len(shown) - len(closing) :] if closing else shown
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -168,47 +222,23 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def _tokenize(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[_Span]) -> tuple[list, list]:
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[_Span]) -> tuple[list, list]:
     """Ids and labels, with the text cut where each reply starts: the prompt before it tokenizes on its own,
-    as at inference. A token is trained when it overlaps a reply span."""
-    pieces: list[tuple[str, int, int]] = []  # (text, trained from, trained to) in the piece's own offsets
-    at = 0
-    for span in spans:
-        if span.reply is not None:
-            pieces.append((full[at : span.start] + span.prompt_tail, 0, 0))
-            pieces.append((span.reply, 0, len(span.reply)))
-            at = span.end
-            continue
-        if at < span.start:
-            pieces.append((full[at : span.start], 0, 0))
-        pieces.append((full[span.start : span.end], 0, span.end - span.start))
-        at = span.end
-    if at < len(full):
-        pieces.append((full[at:], 0, 0))
+    as at inference, and no token straddles a prompt and its reply. A reply's piece runs on into the text
+    after it (up to the next reply), so a closing token and what follows tokenize together, as they do at
+    inference. A token is trained when it overlaps a reply."""
+    cuts = [0, *(span.start for span in spans), len(text)]
     ids: list[int] = []
     labels: list[int] = []
-    merged = _merge_untrained(pieces)
-    for text, lo, hi in merged:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    for lo, hi in itertools.pairwise(cuts):
+        if hi <= lo:
+            continue
+        encoding = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
         for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+            trained = b > a and any(lo + a < span.end and lo + b > span.start for span in spans)
             ids.append(token)
-            labels.append(token if b > a and a < hi and b > lo else IGNORE)
+            labels.append(token if trained else IGNORE)
     return ids, labels
-
-
-def _merge_untrained(pieces: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
-    """A reply's piece runs on into the untrained text after it (up to the next reply), so the closing token
-    and what follows it tokenize together, as they do at inference."""
-    out: list[tuple[str, int, int]] = []
-    for text, lo, hi in pieces:
-        if out and hi == 0 and out[-1][2] > 0:
-            prev_text, prev_lo, prev_hi = out[-1]
-            out[-1] = (prev_text + text, prev_lo, prev_hi)
-        elif out and hi == 0 and out[-1][2] == 0:
-            out[-1] = (out[-1][0] + text, 0, 0)
-        else:
-            out.append((text, lo, hi))
-    return out
 
 
 def _one_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> tuple[list, list]:
