@@ -151,7 +151,7 @@ def _locate(
     if text.startswith(prompt):
         start = len(prompt)
     else:
-        start = _common_prefix(prompt, text)
+        start = _token_start(tokenizer, prompt, _common_prefix(prompt, text))
         if start >= len(_history(tokenizer, spelled, turn)):
             tail = prompt[start:]  # only the generation prompt differs: it opens the reply (R1's "<think>")
         else:
@@ -174,10 +174,20 @@ def _locate(
     shown = text[start:end]
     if visible and visible not in shown:
         return None
+    following = (spelled[turn + 1].get("content") or "").strip() if turn + 1 < len(spelled) else ""
+    if following and following in shown:
+        return None  # no closing of its own: what was found closes a later turn
     calls = message.get("tool_calls") or []
     if not all(call["function"]["name"] in shown for call in calls):
         raise UserError(f"turn {turn} (assistant): this model's chat template does not show tool calls")
     return _Span(start, end, tail, differs)
+
+
+def _token_start(tokenizer: PreTrainedTokenizerBase, prompt: str, at: int) -> int:
+    """`at`, moved back to the start of the prompt token it falls in: texts that differ after a shared "<"
+    (R1's "<think>" against "<｜tool▁calls▁begin｜>") part at a token, not inside one."""
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return max((lo for lo, hi in offsets if lo <= at and hi > lo), default=0) if at < len(prompt) else at
 
 
 def _history(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int) -> str:

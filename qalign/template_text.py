@@ -37,11 +37,13 @@ def spellings(messages: list[dict]) -> list[list[dict]]:
     there is one spelling: the messages as they are."""
     if not any(m.get("tool_calls") for m in messages):
         return [messages]
-    out = []
-    for arguments in (_as_object, _as_string):
-        for empty in (None, ""):
-            out.append([_spell(m, arguments, empty) for m in messages])
-    return out
+    # A null content first, in either arguments spelling: some templates take a tool-calling turn only when its
+    # content is null, and an empty string would render as a second, empty reply.
+    return [
+        [_spell(m, arguments, empty) for m in messages]
+        for empty in (None, "")
+        for arguments in (_as_object, _as_string)
+    ]
 
 
 def _spell(message: dict, arguments, empty: str | None) -> dict:

@@ -60,9 +60,10 @@ FAMILIES = {
         "deepseek-r1-distill", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
         tuple(R1_SPECIALS), ("<think>", "</think>"), adds_bos=True,
     ),
+    # Renders tool calls only for a null content, and transformers drops null keys before rendering.
     "deepseek-r1-distill-v1": Family(
         "deepseek-r1-distill-v1", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
-        tuple(R1_SPECIALS), ("<think>", "</think>"), adds_bos=True,
+        tuple(R1_SPECIALS), ("<think>", "</think>"), adds_bos=True, tools=False,
     ),
     "llama3.1": Family(
         "llama3.1", "<|eot_id|>", "<|begin_of_text|>", "<|eot_id|>",
