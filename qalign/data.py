@@ -419,8 +419,7 @@ class DataReport:
         if self.turns_unmasked:
             out.append(
                 f"{self.source}: {self.turns_unmasked} earlier assistant turns are not trained: "
-                "the chat template "
-                "renders them differently once later turns follow"
+                "the chat template does not show their content (or their end) in the conversation"
             )
         return out
 
