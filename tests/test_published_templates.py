@@ -175,9 +175,8 @@ def test_sft_trains_exactly_each_reply_and_its_end_of_turn(family, fmt):
         prefix(family, j > last_user and j == len(conversation.messages) - 1) + reply + end
         for j, reply in zip(assistants[-len(replies) :], replies, strict=True)
     ]
-    skipped = report.turns_unmasked
-    assert len(runs) == len(expected) - skipped, (runs, expected)
-    for run, want in zip(runs[::-1], expected[::-1], strict=False):
+    assert report.turns_unmasked == 0 and len(runs) == len(expected), (runs, expected)
+    for run, want in zip(runs, expected, strict=True):
         if want.endswith("<call>" + end):
             check_tool_call_run(run, end)
         else:
