@@ -8,7 +8,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qalign.chat_template import IGNORE, render_conversation
-from qalign.data import DataReport, Row, detect_format, pad, to_conversation
+from qalign.conversation import to_conversation
+from qalign.data import DataReport, Row, detect_format, pad
 from qalign.errors import UserError
 from qalign.logprobs import label_logprobs
 from qalign.losses import sft_loss
