@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, UndefinedError
 from transformers import PreTrainedTokenizerBase
 
 from qalign.errors import UserError
@@ -106,13 +106,15 @@ def explain_refusal(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], exc: BaseException | None
 ) -> str:
     """Which turn the template refuses and why, in the terms of the data rather than of Jinja."""
-    said = _first_line(exc)
-    turn = next((j for j in range(len(messages)) if not _renders(tokenizer, messages[: j + 1])), None)
-    if turn is None:
-        return f"the chat template refused this conversation (the template says: {said})"
+    for turn in range(len(messages)):
+        refused = _refusal(tokenizer, messages[: turn + 1])
+        if refused is not None:
+            break
+    else:
+        return f"the chat template refused this conversation (the template says: {_first_line(exc)})"
     message = messages[turn]
     role = message["role"]
-    if role == "system" and _renders(tokenizer, [m for m in messages if m["role"] != "system"]):
+    if role == "system" and _refusal(tokenizer, [m for m in messages if m["role"] != "system"]) is None:
         why = (
             "this model's chat template accepts no system turn "
             "(fold the instructions into the first user turn, or drop the system turn)"
@@ -121,19 +123,23 @@ def explain_refusal(
         why = "this model's chat template does not take tool calls or tool results in this form"
     else:
         why = "the chat template refused this turn"
-    return f"turn {turn} ({role}): {why} (the template says: {said})"
+    return f"turn {turn} ({role}): {why} (the template says: {_first_line(refused)})"
 
 
-def _renders(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> bool:
+def _refusal(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> BaseException | None:
+    """None when some spelling of `messages` renders; else the most telling refusal: the template's own
+    raise_exception message over an error from a spelling it cannot read."""
     if not messages:
-        return True
+        return None
+    refusals = []
     for spelled in spellings(messages):
         try:
             apply(tokenizer, spelled)
-            return True
-        except REFUSALS:
-            continue
-    return False
+            return None
+        except REFUSALS as exc:
+            refusals.append(exc)
+    deliberate = [e for e in refusals if isinstance(e, TemplateError) and not isinstance(e, UndefinedError)]
+    return (deliberate or refusals)[0]
 
 
 def _first_line(exc: BaseException | None) -> str:
