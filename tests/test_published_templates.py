@@ -142,9 +142,12 @@ def trained_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
     return runs
 
 
+def reply_starts(labels: list[int]) -> list[int]:
+    return [j for j, label in enumerate(labels) if label != IGNORE and (j == 0 or labels[j - 1] == IGNORE)]
+
+
 def last_reply_start(labels: list[int]) -> int:
-    trained = [j for j, label in enumerate(labels) if label != IGNORE]
-    return max(j for j in trained if j == 0 or labels[j - 1] == IGNORE)
+    return reply_starts(labels)[-1]
 
 
 def check_tool_call_run(run: str, end: str) -> None:
@@ -181,10 +184,17 @@ def test_sft_trains_exactly_each_reply_and_its_end_of_turn(family, fmt):
             check_tool_call_run(run, end)
         else:
             assert run == want
-    # Train as you infer: the final reply's prompt is exactly what `qalign chat` sends for that history.
+    # Train as you infer: each reply's prompt is exactly what `qalign chat` sends for that history. Two
+    # templates render history unlike their generation prompt, so only the final reply can be prompted so:
+    # R1 opens "<think>" in the prompt but not in earlier turns, Mistral v0.3 shows the system turn in the
+    # last user turn only.
     messages = conversation.messages
-    start = last_reply_start(example.labels)
-    assert example.input_ids[:start] == prompt_ids(tokenizer, messages[:-1])
+    starts = reply_starts(example.labels)
+    checked = list(zip(starts, assistants[-len(replies) :], strict=True))
+    if family.startswith("deepseek-r1") or (family == "mistral-v0.3" and messages[0]["role"] == "system"):
+        checked = checked[-1:]
+    for start, turn in checked:
+        assert example.input_ids[:start] == prompt_ids(tokenizer, messages[:turn]), turn
     assert tokenizer.convert_tokens_to_ids(end) in end_of_turn_ids(tokenizer)
 
 
