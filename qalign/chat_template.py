@@ -127,7 +127,9 @@ def render_conversation(
     ends_conversation = (
         bool(spans) and spans[-1].end >= len(text.rstrip()) and trained[-1] == len(spelled) - 1
     )
-    if ends_conversation and not closing and tokenizer.eos_token_id is not None:
+    # A turn closed by plain text only (no closing, or ChatML markers spelled out in a base vocabulary) gives
+    # generation nothing to stop on: the final turn gets the EOS.
+    if ends_conversation and not _special_in(tokenizer, closing) and tokenizer.eos_token_id is not None:
         last = max(j for j, label in enumerate(labels) if label != IGNORE)
         ids.insert(last + 1, tokenizer.eos_token_id)
         labels.insert(last + 1, tokenizer.eos_token_id)
@@ -285,16 +287,16 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         spelled, _ = render_spelled(tokenizer, probe)
     except Exception:  # a template that refuses even this exchange: there is nothing to stop on
         return []
-    closing = closing_text(tokenizer, spelled, 1)
-    if not closing:
+    return _special_in(tokenizer, closing_text(tokenizer, spelled, 1))
+
+
+def _special_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The special tokens in `text`, in order."""
+    if not text:
         return []
-    special = set(tokenizer.all_special_ids) | set(_added_ids(tokenizer))
-    ids = tokenizer(closing, add_special_tokens=False)["input_ids"]
-    return [t for t in ids if t in special]
-
-
-def _added_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return [t for t, token in tokenizer.added_tokens_decoder.items() if token.special]
+    special = set(tokenizer.all_special_ids)
+    special |= {t for t, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t in special]
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
