@@ -63,9 +63,6 @@ class _Span:
     end: int
     tail: str = ""
     """Generation-prompt text the conversation lacks before this turn (DeepSeek-R1's "<think>\\n")."""
-    prompt_differs: bool = False
-    """The generation prompt shows earlier turns differently from the conversation (Mistral v0.3 moves the
-    system turn into the last user turn)."""
 
 
 def render(
@@ -95,17 +92,7 @@ def render_conversation(
     closing = closing_text(tokenizer, spelled, trained[-1]) if trained else ""
     text, final = full, None
     if trained and trained[-1] == len(spelled) - 1:
-        # The last turn is what a chat prompt is answered with: its prompt must be exactly the generation
-        # prompt, even where the template renders the conversation otherwise (see _Span).
-        prompt = prefix_prompt(tokenizer, spelled, trained[-1])
-        if not full.startswith(prompt):
-            span = _locate(tokenizer, spelled, full, trained[-1], closing, 0, prompt)
-            if span is not None:
-                reply = _reply_after_prompt(
-                    spelled[trained[-1]], full[span.start : span.end], span.tail, closing
-                )
-                text = prompt + reply + full[span.end :]
-                final = _Span(len(prompt), len(prompt) + len(reply))
+        text, final = _prompted_final_turn(tokenizer, spelled, full, closing)
     spans: list[_Span] = []
     unmasked = 0
     floor = 0
@@ -137,6 +124,25 @@ def render_conversation(
     return Rendered(ids, labels, eos_appended, unmasked, text)
 
 
+def _prompted_final_turn(
+    tokenizer: PreTrainedTokenizerBase, spelled: list[dict], full: str, closing: str
+) -> tuple[str, _Span | None]:
+    """(the row's text, the final reply's span in it, or None when the conversation's own text will do).
+
+    The last turn is what a chat prompt is answered with, so its prompt must be exactly the generation prompt,
+    even where the template renders the conversation otherwise: Mistral v0.3 shows the system turn only in
+    the last user turn of a prompt, DeepSeek-R1's prompt opens "<think>" that no rendered turn has."""
+    turn = len(spelled) - 1
+    prompt = prefix_prompt(tokenizer, spelled, turn)
+    if full.startswith(prompt):
+        return full, None
+    span = _locate(tokenizer, spelled, full, turn, closing, 0, prompt)
+    if span is None:
+        return full, None
+    reply = _reply_after_prompt(spelled[turn], full[span.start : span.end], span.tail, closing)
+    return prompt + reply + full[span.end :], _Span(len(prompt), len(prompt) + len(reply))
+
+
 def _locate(
     tokenizer: PreTrainedTokenizerBase,
     spelled: list[dict],
@@ -149,7 +155,7 @@ def _locate(
     """Where assistant turn `turn` lies in `text`: from the end of its generation prompt to the end of the
     text that closes it. None when the text does not show the turn's content."""
     message = spelled[turn]
-    tail, differs = "", False
+    tail = ""
     if text.startswith(prompt):
         start = len(prompt)
     else:
@@ -157,7 +163,7 @@ def _locate(
         if start >= len(_history(tokenizer, spelled, turn)):
             tail = prompt[start:]  # only the generation prompt differs: it opens the reply (R1's "<think>")
         else:
-            start, differs = _anchor(spelled, text, turn, prompt, floor), True
+            start = _anchor(spelled, text, turn, prompt, floor)
             if start < 0:
                 return None
     if start < floor:
@@ -182,7 +188,7 @@ def _locate(
     calls = message.get("tool_calls") or []
     if not all(call["function"]["name"] in shown for call in calls):
         raise UserError(f"turn {turn} (assistant): this model's chat template does not show tool calls")
-    return _Span(start, end, tail, differs)
+    return _Span(start, end, tail)
 
 
 def _token_start(tokenizer: PreTrainedTokenizerBase, prompt: str, at: int) -> int:
