@@ -55,6 +55,9 @@ class Rendered:
     turns_unmasked: int = 0
     """Assistant turns left untrained because the template does not show their content in the conversation."""
     text: str = ""
+    unanswered_opening: bool = False
+    """The generation prompt opens something the final reply does not continue (DeepSeek-R1's prompt opens
+    "<think>" and the reply has no reasoning), so the model learns to answer inside it."""
 
 
 @dataclass
@@ -90,9 +93,9 @@ def render_conversation(
         if m["role"] == "assistant" and i >= trained_from and (not last_turn_only or i == len(spelled) - 1)
     ]
     closing = closing_text(tokenizer, spelled, trained[-1]) if trained else ""
-    text, final = full, None
+    text, final, unanswered = full, None, False
     if trained and trained[-1] == len(spelled) - 1:
-        text, final = _prompted_final_turn(tokenizer, spelled, full, closing)
+        text, final, unanswered = _prompted_final_turn(tokenizer, spelled, full, closing)
     spans: list[_Span] = []
     unmasked = 0
     floor = 0
@@ -121,13 +124,14 @@ def render_conversation(
         ids.insert(last + 1, tokenizer.eos_token_id)
         labels.insert(last + 1, tokenizer.eos_token_id)
         eos_appended = True
-    return Rendered(ids, labels, eos_appended, unmasked, text)
+    return Rendered(ids, labels, eos_appended, unmasked, text, unanswered)
 
 
 def _prompted_final_turn(
     tokenizer: PreTrainedTokenizerBase, spelled: list[dict], full: str, closing: str
-) -> tuple[str, _Span | None]:
-    """(the row's text, the final reply's span in it, or None when the conversation's own text will do).
+) -> tuple[str, _Span | None, bool]:
+    """(the row's text, the final reply's span in it or None when the conversation's own text will do, whether
+    the reply leaves what the prompt opens unanswered).
 
     The last turn is what a chat prompt is answered with, so its prompt must be exactly the generation prompt,
     even where the template renders the conversation otherwise: Mistral v0.3 shows the system turn only in
@@ -135,12 +139,13 @@ def _prompted_final_turn(
     turn = len(spelled) - 1
     prompt = prefix_prompt(tokenizer, spelled, turn)
     if full.startswith(prompt):
-        return full, None
+        return full, None, False
     span = _locate(tokenizer, spelled, full, turn, closing, 0, prompt)
     if span is None:
-        return full, None
-    reply = _reply_after_prompt(spelled[turn], full[span.start : span.end], span.tail, closing)
-    return prompt + reply + full[span.end :], _Span(len(prompt), len(prompt) + len(reply))
+        return full, None, False
+    reply, continued = _reply_after_prompt(spelled[turn], full[span.start : span.end], span.tail, closing)
+    final = _Span(len(prompt), len(prompt) + len(reply))
+    return prompt + reply + full[span.end :], final, not continued
 
 
 def _locate(
@@ -216,20 +221,21 @@ def _anchor(spelled: list[dict], text: str, turn: int, prompt: str, floor: int) 
     return found + len(before + after) if found >= 0 else -1
 
 
-def _reply_after_prompt(message: dict, shown: str, tail: str, closing: str) -> str:
-    """The text the model writes after the generation prompt for the final turn. Where that prompt ends in
-    text the conversation lacks (DeepSeek-R1 opens "<think>\\n" there, and drops reasoning from every turn it
-    renders), the reply is what follows that text in the data: the reasoning too, when the content has it."""
+def _reply_after_prompt(message: dict, shown: str, tail: str, closing: str) -> tuple[str, bool]:
+    """(the text the model writes after the generation prompt for the final turn, whether it continues what
+    that prompt opens). Where the prompt ends in text the conversation lacks (DeepSeek-R1 opens "<think>\\n"
+    there, and drops reasoning from every turn it renders), the reply is what follows that text in the data:
+    the reasoning too, when the content has it; otherwise the turn as the conversation shows it."""
     if not tail:
-        return shown
+        return shown, True
     content = message.get("content") or ""
     if content.startswith(tail):
         body = content[len(tail) :]
     elif tail.strip() and content.lstrip().startswith(tail.strip()):
         body = content.lstrip()[len(tail.strip()) :].lstrip("\n")
     else:
-        return shown
-    return body + shown[len(shown) - len(closing) :] if closing else shown
+        return shown, False
+    return (body + shown[len(shown) - len(closing) :], True) if closing else (shown, False)
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -172,6 +172,7 @@ class DataReport:
     truncated: int = 0
     eos_appended: int = 0
     turns_unmasked: int = 0
+    unanswered_opening: int = 0
     trained_tokens: int = 0
     lengths: list[int] | None = None
 
@@ -202,6 +203,11 @@ class DataReport:
             out.append(
                 f"{self.source}: {self.turns_unmasked} earlier assistant turns are not trained: "
                 "the chat template does not show their content (or their end) in the conversation"
+            )
+        if self.unanswered_opening:
+            out.append(
+                f"{self.source}: {self.unanswered_opening} replies carry no reasoning, but the chat template's "
+                "generation prompt opens one (e.g. <think>): the model learns to answer inside it"
             )
         return out
 

@@ -137,6 +137,7 @@ def prepare_dpo(
                     f"{row.where}: no response token to train on after rendering the chat template"
                 )
             report.eos_appended += rendered.eos_appended
+            report.unanswered_opening += rendered.unanswered_opening
             sides.append(rendered)
         longest = max(len(s.input_ids) for s in sides)
         if longest > max_length:

@@ -56,6 +56,7 @@ def prepare_sft(
             )
         report.eos_appended += rendered.eos_appended
         report.turns_unmasked += rendered.turns_unmasked
+        report.unanswered_opening += rendered.unanswered_opening
         if len(ids) > max_length:
             if overlong == "drop":
                 report.dropped_overlong += 1

@@ -9,6 +9,7 @@ template accepts, and every later render of that conversation uses the same spel
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from jinja2 import TemplateError, UndefinedError
 from transformers import PreTrainedTokenizerBase
@@ -46,7 +47,7 @@ def spellings(messages: list[dict]) -> list[list[dict]]:
     ]
 
 
-def _spell(message: dict, arguments, empty: str | None) -> dict:
+def _spell(message: dict, arguments: Callable[[object], object], empty: str | None) -> dict:
     if not message.get("tool_calls"):
         return message
     calls = [

@@ -334,3 +334,16 @@ def test_llama31_chat_stops_on_eot_and_generation_config_eos():
     session = ChatSession(Model(), tokenizer, 0.0, 1.0, 4, None)
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in session.stop_ids
     assert {7, 8} <= set(session.stop_ids)
+
+
+def test_deepseek_r1_replies_without_reasoning_are_trained_after_the_open_think_and_reported():
+    tokenizer = family_tokenizer("deepseek-r1-distill")
+    rows = [Row(WHERE, {"messages": [user(Q1), assistant(A1)]})]
+    (example,), report = prepare_sft(rows, "messages", tokenizer, 4096, "drop", "data.jsonl")
+    start = last_reply_start(example.labels)
+    assert tokenizer.decode(example.input_ids[:start]).endswith("<think>\n")
+    assert trained_runs(tokenizer, example.input_ids, example.labels) == [A1 + "<｜end▁of▁sentence｜>"]
+    assert report.unanswered_opening == 1
+    assert any("learns to answer inside it" in w for w in report.warnings("sft"))
+    with_reasoning = [user(Q1), assistant("<think>\nAdd.\n</think>\n\n" + A1)]
+    assert not render_conversation(tokenizer, with_reasoning).unanswered_opening
