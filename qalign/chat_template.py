@@ -55,6 +55,8 @@ class Rendered:
     turns_unmasked: int = 0
     """Assistant turns left untrained because the template does not show their content in the conversation."""
     text: str = ""
+    """The row's text: the rendered conversation, or, where the template's generation prompt renders the
+    conversation otherwise, that prompt followed by the final reply."""
     unanswered_opening: bool = False
     """The generation prompt opens something the final reply does not continue (DeepSeek-R1's prompt opens
     "<think>" and the reply has no reasoning), so the model learns to answer inside it."""
