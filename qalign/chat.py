@@ -116,7 +116,7 @@ class ChatSession:
 
     def __init__(self, model: torch.nn.Module, tokenizer, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int | None) -> None:  # fmt: skip
-        from qalign.chat_template import end_of_turn_id
+        from qalign.chat_template import end_of_turn_ids
 
         self.model, self.tokenizer = model.eval(), tokenizer
         self.temperature, self.top_p, self.max_new_tokens, self.seed = (
@@ -126,7 +126,11 @@ class ChatSession:
             seed,
         )
         self.history: list[dict] = []
-        stops = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+        # Every id a turn can end on: the template's end-of-turn tokens (Phi's <|end|> besides its EOS
+        # <|endoftext|>) and generation_config's EOS list (Llama 3.1's <|eom_id|>), or replies run on.
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else configured
+        stops = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer), *configured]
         self.stop_ids = [t for t in dict.fromkeys(stops) if t is not None]
         # A plain model folder may have no pad token; generate needs one only for its bookkeeping.
         pad = tokenizer.pad_token_id
@@ -140,10 +144,18 @@ class ChatSession:
         iterator early stops generation and leaves the history as it was."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer, set_seed
 
+        from qalign.chat_template import prompt_ids
+
         self.history.append({"role": "user", "content": text})
-        inputs = self.tokenizer.apply_chat_template(
-            self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(self.model.device)
+        # The prompt as training rows have it (BOS included the same way), so the model sees what it was
+        # trained on.
+        try:
+            prompt = prompt_ids(self.tokenizer, self.history)
+        except UserError:
+            self.history.pop()
+            raise
+        ids = torch.tensor([prompt], device=self.model.device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         if self.seed is not None:
             set_seed(self.seed)  # the same seed gives the same answer: scripts can rely on it

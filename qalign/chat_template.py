@@ -1,25 +1,36 @@
 """Render a conversation through a chat template and decide which tokens are trained.
 
-The trained-token mask comes out of the same function that renders the chat (one source of truth). It is
-derived from the template's own output, rendering the conversation prefix by prefix and diffing the text,
-so it is right for any template, with or without `{% generation %}` markers: for each assistant turn i,
+One function, `render_conversation`, returns the token ids and the labels (one source of truth). The whole
+conversation is rendered once, as the model sees it; each assistant turn is then located in that text:
 
-    render(messages[:i], add_generation_prompt=True)   ends where the assistant's tokens start
-    render(messages[:i + 1])                            ends where they stop (end-of-turn token included)
+    start  where `render(turns before it, add_generation_prompt=True)` stops matching the whole text: what
+           the model writes after the generation prompt starts there;
+    end    after the text the template closes an assistant turn with (e.g. <|im_end|>, <|end|>, </s>), found
+           by rendering a sentinel reply once as the last turn and once followed by a user turn.
 
-The text is then tokenized once, as a whole, and a token is trained when its characters fall in such a
-span; tokenizing once keeps the ids identical to what the model sees at inference.
+So a template that renders earlier turns differently once later turns follow (Qwen3 drops their reasoning) is
+trained on each turn as the conversation shows it, and text a template writes only at the very end (Phi's
+<|endoftext|>) is never trained. The text is tokenized in pieces cut where each reply starts, so no token
+straddles a prompt and its reply, and the prompt part tokenizes as `qalign chat` tokenizes its prompt.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from qalign.errors import UserError
+from qalign.template_text import (
+    REFUSALS,
+    apply,
+    closing_text,
+    prefix_prompt,
+    render_prompt_text,
+    render_spelled,
+)
 
 IGNORE = -100
 
@@ -42,62 +53,218 @@ class Rendered:
     eos_appended: bool = False
     """The final assistant turn ended in no special token, so the tokenizer's EOS was added and trained."""
     turns_unmasked: int = 0
-    """Assistant turns left untrained because the template renders history differently from a final turn."""
+    """Assistant turns left untrained because the template does not show their content in the conversation."""
     text: str = ""
+    """The row's text: the rendered conversation, or, where the template's generation prompt renders the
+    conversation otherwise, that prompt followed by the final reply."""
+    unanswered_opening: bool = False
+    """The generation prompt opens something the final reply does not continue (DeepSeek-R1's prompt opens
+    "<think>" and the reply has no reasoning), so the model learns to answer inside it."""
+
+
+@dataclass
+class _Span:
+    start: int
+    end: int
+    tail: str = ""
+    """Generation-prompt text the conversation lacks before this turn (DeepSeek-R1's "<think>\\n")."""
 
 
 def render(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False
 ) -> str:
-    """The template's text for these messages; template errors become UserError (caller adds the row)."""
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except TemplateError as exc:
-        raise UserError(f"the chat template refused this conversation: {exc}") from None
+    """The template's text for these messages; a refusal becomes a UserError naming the turn (caller adds
+    the row)."""
+    if add_generation_prompt:
+        return render_prompt_text(tokenizer, messages)
+    return render_spelled(tokenizer, messages)[1]
 
 
 def render_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], last_turn_only: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    last_turn_only: bool = False,
+    trained_from: int = 0,
 ) -> Rendered:
-    """Token ids and labels for one conversation: every assistant turn is trained (only the final one with
-    `last_turn_only`, as preference pairs need), nothing else."""
-    full = render(tokenizer, messages)
-    spans, unmasked = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or (last_turn_only and i != len(messages) - 1):
-            continue
-        start_text = render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn_text = render(tokenizer, messages[: i + 1])
-        if not (turn_text.startswith(start_text) and full.startswith(turn_text)):
-            # Templates that rewrite history (e.g. drop reasoning from earlier turns) have no stable span for
-            # this turn; training on it would teach text the model never sees at inference.
+    """Token ids and labels for one conversation: every assistant turn from `trained_from` on is trained (only
+    the final one with `last_turn_only`, as preference pairs need), nothing else."""
+    spelled, full = render_spelled(tokenizer, messages)
+    trained = [
+        i
+        for i, m in enumerate(spelled)
+        if m["role"] == "assistant" and i >= trained_from and (not last_turn_only or i == len(spelled) - 1)
+    ]
+    closing = closing_text(tokenizer, spelled, trained[-1]) if trained else ""
+    text, final, unanswered = full, None, False
+    if trained and trained[-1] == len(spelled) - 1:
+        text, final, unanswered = _prompted_final_turn(tokenizer, spelled, full, closing)
+    spans: list[_Span] = []
+    unmasked = 0
+    floor = 0
+    for i in trained if final is None else trained[:-1]:
+        span = _locate(tokenizer, spelled, text, i, closing, floor, prefix_prompt(tokenizer, spelled, i))
+        if span is None or (final is not None and span.end > final.start):
+            # The template does not show this turn's content (it hides or rewrites it): training on what it
+            # shows instead would teach text no one wrote.
             unmasked += 1
             continue
-        end = len(turn_text)
-        # Whitespace after the end-of-turn token is never generated (decoding stops at that token).
-        while end > len(start_text) and turn_text[end - 1].isspace():
-            end -= 1
-        spans.append((len(start_text), end))
+        spans.append(span)
+        floor = span.end
+    if final is not None:
+        spans.append(final)
 
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(encoding["input_ids"])
-    labels = [IGNORE] * len(ids)
-    for j, (lo, hi) in enumerate(encoding["offset_mapping"]):
-        if hi > lo and any(lo < b and hi > a for a, b in spans):
-            labels[j] = ids[j]
-
+    ids, labels = _tokenize(tokenizer, text, spans)
     ids, labels = _one_bos(tokenizer, ids, labels)
     eos_appended = False
-    trained = [j for j, label in enumerate(labels) if label != IGNORE]
-    if trained and spans and spans[-1][1] >= len(full.rstrip()):
-        last = trained[-1]
-        if ids[last] not in set(tokenizer.all_special_ids) and tokenizer.eos_token_id is not None:
-            ids.insert(last + 1, tokenizer.eos_token_id)
-            labels.insert(last + 1, tokenizer.eos_token_id)
-            eos_appended = True
-    return Rendered(ids, labels, eos_appended, unmasked, full)
+    ends_conversation = (
+        bool(spans) and spans[-1].end >= len(text.rstrip()) and trained[-1] == len(spelled) - 1
+    )
+    # A turn closed by plain text only (no closing, or ChatML markers spelled out in a base vocabulary) gives
+    # generation nothing to stop on: the final turn gets the EOS.
+    if ends_conversation and not _special_in(tokenizer, closing) and tokenizer.eos_token_id is not None:
+        last = max(j for j, label in enumerate(labels) if label != IGNORE)
+        ids.insert(last + 1, tokenizer.eos_token_id)
+        labels.insert(last + 1, tokenizer.eos_token_id)
+        eos_appended = True
+    return Rendered(ids, labels, eos_appended, unmasked, text, unanswered)
+
+
+def _prompted_final_turn(
+    tokenizer: PreTrainedTokenizerBase, spelled: list[dict], full: str, closing: str
+) -> tuple[str, _Span | None, bool]:
+    """(the row's text, the final reply's span in it or None when the conversation's own text will do, whether
+    the reply leaves what the prompt opens unanswered).
+
+    The last turn is what a chat prompt is answered with, so its prompt must be exactly the generation prompt,
+    even where the template renders the conversation otherwise: Mistral v0.3 shows the system turn only in
+    the last user turn of a prompt, DeepSeek-R1's prompt opens "<think>" that no rendered turn has."""
+    turn = len(spelled) - 1
+    prompt = prefix_prompt(tokenizer, spelled, turn)
+    if full.startswith(prompt):
+        return full, None, False
+    span = _locate(tokenizer, spelled, full, turn, closing, 0, prompt)
+    if span is None:
+        return full, None, False
+    reply, continued = _reply_after_prompt(spelled[turn], full[span.start : span.end], span.tail, closing)
+    final = _Span(len(prompt), len(prompt) + len(reply))
+    return prompt + reply + full[span.end :], final, not continued
+
+
+def _locate(
+    tokenizer: PreTrainedTokenizerBase,
+    spelled: list[dict],
+    text: str,
+    turn: int,
+    closing: str,
+    floor: int,
+    prompt: str,
+) -> _Span | None:
+    """Where assistant turn `turn` lies in `text`: from the end of its generation prompt to the end of the
+    text that closes it. None when the text does not show the turn's content."""
+    message = spelled[turn]
+    tail = ""
+    if text.startswith(prompt):
+        start = len(prompt)
+    else:
+        start = _token_start(tokenizer, prompt, _common_prefix(prompt, text))
+        if start >= len(_history(tokenizer, spelled, turn)):
+            tail = prompt[start:]  # only the generation prompt differs: it opens the reply (R1's "<think>")
+        else:
+            start = _anchor(spelled, text, turn, prompt, floor)
+            if start < 0:
+                return None
+    if start < floor:
+        return None
+    content = message.get("content") or ""
+    visible = content.split("</think>")[-1].strip()
+    if closing:
+        found = text.find(closing, start)
+        end = found + len(closing)
+    else:
+        # Plain-text turn endings: the reply stops where its content does.
+        found = text.find(visible, start) if visible else -1
+        end = found + len(visible)
+    if found < 0:
+        return None
+    shown = text[start:end]
+    if visible and visible not in shown:
+        return None
+    following = (spelled[turn + 1].get("content") or "").strip() if turn + 1 < len(spelled) else ""
+    if following and following in shown:
+        return None  # no closing of its own: what was found closes a later turn
+    calls = message.get("tool_calls") or []
+    if not all(call["function"]["name"] in shown for call in calls):
+        raise UserError(f"turn {turn} (assistant): this model's chat template does not show tool calls")
+    return _Span(start, end, tail)
+
+
+def _token_start(tokenizer: PreTrainedTokenizerBase, prompt: str, at: int) -> int:
+    """`at`, moved back to the start of the prompt token it falls in: texts that differ after a shared "<"
+    (R1's "<think>" against "<｜tool▁calls▁begin｜>") part at a token, not inside one."""
+    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return max((lo for lo, hi in offsets if lo <= at and hi > lo), default=0) if at < len(prompt) else at
+
+
+def _history(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int) -> str:
+    try:
+        return apply(tokenizer, spelled[:turn]) if turn else ""
+    except REFUSALS:
+        return ""
+
+
+def _anchor(spelled: list[dict], text: str, turn: int, prompt: str, floor: int) -> int:
+    """Where the turn starts when the generation prompt shows earlier turns differently from `text`: right
+    after the turn before it (its content and what the prompt puts after that content)."""
+    before = (spelled[turn - 1].get("content") or "").strip() if turn else ""
+    if not before or before not in prompt:
+        return -1
+    after = prompt[prompt.rfind(before) + len(before) :]
+    found = text.find(before + after, floor)
+    return found + len(before + after) if found >= 0 else -1
+
+
+def _reply_after_prompt(message: dict, shown: str, tail: str, closing: str) -> tuple[str, bool]:
+    """(the text the model writes after the generation prompt for the final turn, whether it continues what
+    that prompt opens). Where the prompt ends in text the conversation lacks (DeepSeek-R1 opens "<think>\\n"
+    there, and drops reasoning from every turn it renders), the reply is what follows that text in the data:
+    the reasoning too, when the content has it; otherwise the turn as the conversation shows it."""
+    if not tail:
+        return shown, True
+    content = message.get("content") or ""
+    if content.startswith(tail):
+        body = content[len(tail) :]
+    elif tail.strip() and content.lstrip().startswith(tail.strip()):
+        body = content.lstrip()[len(tail.strip()) :].lstrip("\n")
+    else:
+        return shown, False
+    return (body + shown[len(shown) - len(closing) :], True) if closing else (shown, False)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[_Span]) -> tuple[list, list]:
+    """Ids and labels, with the text cut where each reply starts: the prompt before it tokenizes on its own,
+    as at inference, and no token straddles a prompt and its reply. A reply's piece runs on into the text
+    after it (up to the next reply), so a closing token and what follows tokenize together, as they do at
+    inference. A token is trained when it overlaps a reply."""
+    cuts = [0, *(span.start for span in spans), len(text)]
+    ids: list[int] = []
+    labels: list[int] = []
+    for lo, hi in itertools.pairwise(cuts):
+        if hi <= lo:
+            continue
+        encoding = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+        for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+            trained = b > a and any(lo + a < span.end and lo + b > span.start for span in spans)
+            ids.append(token)
+            labels.append(token if trained else IGNORE)
+    return ids, labels
 
 
 def _one_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> tuple[list, list]:
@@ -118,26 +285,50 @@ def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(with_special) and with_special[0] == tokenizer.bos_token_id
 
 
-def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The special token that closes an assistant turn in this template (e.g. <|im_end|>, <|eot_id|>), which
-    generation must stop at; None when the template ends turns with plain text."""
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """What `qalign chat` feeds the model for `messages`: the generation prompt, with BOS exactly as training
+    rows have it, so a trained row's prompt part and a chat prompt are the same tokens."""
+    ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
+    ids = list(ids["input_ids"])
+    return _one_bos(tokenizer, ids, [IGNORE] * len(ids))[0]
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the template closes an assistant turn with (e.g. <|im_end|>, <|eot_id|>, <|end|>),
+    which generation must stop at; empty when the template ends turns with plain text."""
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    rendered = render_conversation(tokenizer, probe)
-    trained = [t for t, label in zip(rendered.input_ids, rendered.labels, strict=True) if label != IGNORE]
-    if trained and not rendered.eos_appended and trained[-1] in set(tokenizer.all_special_ids):
-        return trained[-1]
-    return None
+    try:
+        spelled, _ = render_spelled(tokenizer, probe)
+    except Exception:  # a template that refuses even this exchange: there is nothing to stop on
+        return []
+    return _special_in(tokenizer, closing_text(tokenizer, spelled, 1))
+
+
+def _special_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The special tokens in `text`, in order."""
+    if not text:
+        return []
+    special = set(tokenizer.all_special_ids)
+    special |= {t for t, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t in special]
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The last special token that closes an assistant turn, or None when the template ends turns with
+    plain text."""
+    ids = end_of_turn_ids(tokenizer)
+    return ids[-1] if ids else None
 
 
 def describe_template(tokenizer: PreTrainedTokenizerBase) -> str:
     """One line on how trained tokens are found, for the start of a run and for `validate`."""
     template = tokenizer.chat_template or ""
     marked = re.search(r"{%-?\s*generation\s*-?%}", template) is not None
-    end = end_of_turn_id(tokenizer)
+    ends = end_of_turn_ids(tokenizer)
     closing = (
-        f"assistant turns end with {tokenizer.convert_ids_to_tokens(end)!r}"
-        if end is not None
-        else ("assistant turns end without a special token (EOS is appended to final turns)")
+        f"assistant turns end with {''.join(tokenizer.convert_ids_to_tokens(ends))!r}"
+        if ends
+        else "assistant turns end without a special token (EOS is appended to final turns)"
     )
     how = "has {% generation %} markers" if marked else "has no {% generation %} markers"
-    return f"chat template {how}; trained tokens found by rendering prefixes; {closing}"
+    return f"chat template {how}; trained tokens found in the rendered conversation; {closing}"

@@ -13,20 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from qalign.conversation import Conversation as Conversation
+from qalign.conversation import check_turns as check_turns
+from qalign.conversation import parse_messages as parse_messages
+from qalign.conversation import to_conversation as to_conversation
+from qalign.conversation import to_messages as to_messages
 from qalign.errors import UserError
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-}
-# The keys that identify each format in `format: auto`, in the order they are tried.
 FORMAT_KEYS = {
     "messages": ("messages",),
     "sharegpt": ("conversations",),
@@ -168,91 +161,6 @@ def detect_format(rows: list[Row], fmt: str, key: str = "data.format") -> str:
     )
 
 
-def to_messages(row: Row, fmt: str, require_reply: bool = True) -> list[dict]:
-    """One row as a validated conversation: optional system turn, then user/assistant turns alternating,
-    with at least one assistant turn with text (unless `require_reply` is off, for preference prompts)."""
-    data, where = row.data, row.where
-    if fmt == "messages":
-        turns = _require(data, "messages", list, where)
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            role = _require(turn, "role", str, where, f"messages[{i}].role")
-            content = _require(turn, "content", str, where, f"messages[{i}].content")
-            if role not in ROLES:
-                raise UserError(f"{where}: messages[{i}].role '{role}' is not one of {', '.join(ROLES)}")
-            messages.append({"role": role, "content": content})
-    elif fmt == "sharegpt":
-        turns = _require(data, "conversations", list, where)
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict):
-                raise UserError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
-            speaker = _require(turn, "from", str, where, f"conversations[{i}].from")
-            value = _require(turn, "value", str, where, f"conversations[{i}].value")
-            if speaker.lower() not in SHAREGPT_ROLES:
-                known = ", ".join(sorted(SHAREGPT_ROLES))
-                raise UserError(f"{where}: conversations[{i}].from '{speaker}' is not one of {known}")
-            messages.append({"role": SHAREGPT_ROLES[speaker.lower()], "content": value})
-    elif fmt == "alpaca":
-        instruction = _require(data, "instruction", str, where)
-        extra = data.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise UserError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
-        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        messages = [
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": _require(data, "output", str, where)},
-        ]
-        system = data.get("system")
-        if isinstance(system, str) and system.strip():
-            messages.insert(0, {"role": "system", "content": system})
-    elif fmt == "prompt_completion":
-        messages = [
-            {"role": "user", "content": _require(data, "prompt", str, where)},
-            {"role": "assistant", "content": _require(data, "completion", str, where)},
-        ]
-    else:  # pragma: no cover - the schema restricts formats
-        raise UserError(f"{where}: unknown data format '{fmt}'")
-    check_turns(messages, where, require_reply)
-    return messages
-
-
-def check_turns(messages: list[dict], where: str, require_reply: bool = True) -> None:
-    if not messages:
-        raise UserError(f"{where}: the conversation is empty")
-    offset = 1 if messages[0]["role"] == "system" else 0
-    body = messages[offset:]
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise UserError(
-                f"{where}: turn {i + offset} is '{message['role']}' but '{expected}' was expected "
-                "(an optional system turn first, then user and assistant turns alternating)"
-            )
-        if not message["content"].strip():
-            raise UserError(f"{where}: turn {i + offset} ({expected}) is empty")
-    if require_reply and not any(m["role"] == "assistant" for m in body):
-        raise UserError(f"{where}: no assistant turn: nothing to train on")
-
-
-def _require(data: dict, key: str, kind: type, where: str, name: str | None = None) -> object:
-    name = name or key
-    if key not in data or data[key] is None:
-        raise UserError(f"{where}: missing field '{name}'")
-    value = data[key]
-    if not isinstance(value, kind):
-        raise UserError(f"{where}: '{name}' must be a {_kind_name(kind)}, got {type(value).__name__}")
-    if kind is str and not value.strip() and key not in ("content", "value", "input"):
-        raise UserError(f"{where}: '{name}' is empty")
-    return value
-
-
-def _kind_name(kind: type) -> str:
-    return {str: "string", list: "list", dict: "object"}.get(kind, kind.__name__)
-
-
 @dataclass
 class DataReport:
     """What happened to a dataset on its way to training; printed by `validate` and at the start of a run."""
@@ -264,6 +172,7 @@ class DataReport:
     truncated: int = 0
     eos_appended: int = 0
     turns_unmasked: int = 0
+    unanswered_opening: int = 0
     trained_tokens: int = 0
     lengths: list[int] | None = None
 
@@ -293,8 +202,12 @@ class DataReport:
         if self.turns_unmasked:
             out.append(
                 f"{self.source}: {self.turns_unmasked} earlier assistant turns are not trained: "
-                "the chat template "
-                "renders them differently once later turns follow"
+                "the chat template does not show their content (or their end) in the conversation"
+            )
+        if self.unanswered_opening:
+            out.append(
+                f"{self.source}: {self.unanswered_opening} replies carry no reasoning, but the chat template's "
+                "generation prompt opens one (e.g. <think>): the model learns to answer inside it"
             )
         return out
 

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qalign.chat_template import IGNORE, render_conversation
-from qalign.data import DataReport, Row, check_turns, pad, to_messages
+from qalign.data import DataReport, Row, check_turns, pad, parse_messages, to_messages
 from qalign.errors import UserError
 from qalign.logprobs import gathered_logprobs, label_logprobs
 from qalign.losses import dpo_loss
@@ -40,25 +40,27 @@ class DpoExample:
 
 
 def split_preference(row: Row) -> tuple[list[dict], dict, dict]:
-    """(prompt messages, chosen reply, rejected reply) from either preference layout."""
+    """(prompt messages, chosen reply, rejected reply) from any preference layout: a prompt (string or
+    messages) with chosen and rejected replies (strings, or TRL's explicit layout: lists of messages), or two
+    whole conversations whose shared turns are the prompt."""
     data, where = row.data, row.where
     for key in ("chosen", "rejected"):
         if data.get(key) is None:
             raise UserError(f"{where}: missing field '{key}'")
     chosen, rejected = data["chosen"], data["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        prompt = data.get("prompt")
-        if isinstance(prompt, list):
-            prompt_messages = to_messages(Row(where, {"messages": prompt}), "messages", require_reply=False)
-        elif isinstance(prompt, str) and prompt.strip():
-            prompt_messages = [{"role": "user", "content": prompt}]
-        else:
-            raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+        prompt_messages = _prompt(data, where)
         replies = [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}]
+    elif isinstance(chosen, list) and isinstance(rejected, list) and _is_completion(chosen, rejected):
+        # TRL's explicit layout: the prompt apart, each side only the reply.
+        prompt_messages = _prompt(data, where)
+        replies = [_one_reply(chosen, "chosen", where), _one_reply(rejected, "rejected", where)]
     elif isinstance(chosen, list) and isinstance(rejected, list):
         # UltraFeedback-binarized style: two whole conversations; the turns they share are the prompt.
-        chosen_msgs = to_messages(Row(where, {"messages": chosen}), "messages")
-        rejected_msgs = to_messages(Row(where, {"messages": rejected}), "messages")
+        chosen_msgs = parse_messages(chosen, where, "chosen")
+        rejected_msgs = parse_messages(rejected, where, "rejected")
+        check_turns(chosen_msgs, where)
+        check_turns(rejected_msgs, where)
         shared = 0
         while (
             shared < min(len(chosen_msgs), len(rejected_msgs))
@@ -79,12 +81,39 @@ def split_preference(row: Row) -> tuple[list[dict], dict, dict]:
             f"{where}: 'chosen' and 'rejected' must both be strings (with a 'prompt') or both lists of messages"
         )
     for reply, key in zip(replies, ("chosen", "rejected"), strict=True):
-        if not reply["content"].strip():
+        if not (reply.get("content") or "").strip() and not reply.get("tool_calls"):
             raise UserError(f"{where}: '{key}' is empty")
-    if replies[0]["content"] == replies[1]["content"]:
+    if replies[0] == replies[1]:
         raise UserError(f"{where}: chosen and rejected are the same: nothing to prefer")
     check_turns([*prompt_messages, replies[0]], where)
     return prompt_messages, replies[0], replies[1]
+
+
+def _prompt(data: dict, where: str) -> list[dict]:
+    prompt = data.get("prompt")
+    if isinstance(prompt, list):
+        return to_messages(Row(where, {"messages": prompt}), "messages", require_reply=False)
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    raise UserError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+
+
+def _is_completion(chosen: list, rejected: list) -> bool:
+    """Both sides start with an assistant turn: replies to a separate prompt, not whole conversations."""
+    return all(
+        bool(side) and isinstance(side[0], dict) and side[0].get("role") == "assistant"
+        for side in (chosen, rejected)
+    )
+
+
+def _one_reply(side: list, key: str, where: str) -> dict:
+    messages = parse_messages(side, where, key)
+    if len(messages) != 1:
+        raise UserError(
+            f"{where}: '{key}' must be one assistant turn (got {len(messages)} turns); "
+            "put earlier turns in 'prompt'"
+        )
+    return messages[0]
 
 
 def prepare_dpo(
@@ -109,6 +138,7 @@ def prepare_dpo(
                     f"{row.where}: no response token to train on after rendering the chat template"
                 )
             report.eos_appended += rendered.eos_appended
+            report.unanswered_opening += rendered.unanswered_opening
             sides.append(rendered)
         longest = max(len(s.input_ids) for s in sides)
         if longest > max_length:

@@ -8,7 +8,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qalign.chat_template import IGNORE, render_conversation
-from qalign.data import DataReport, Row, detect_format, pad, to_messages
+from qalign.conversation import to_conversation
+from qalign.data import DataReport, Row, detect_format, pad
 from qalign.errors import UserError
 from qalign.logprobs import label_logprobs
 from qalign.losses import sft_loss
@@ -41,9 +42,11 @@ def prepare_sft(
     report = DataReport(source=source, rows=len(rows), lengths=[])
     examples = []
     for row in rows:
-        messages = to_messages(row, fmt)
+        conversation = to_conversation(row, fmt)
         try:
-            rendered = render_conversation(tokenizer, messages)
+            rendered = render_conversation(
+                tokenizer, conversation.messages, trained_from=conversation.trained_from
+            )
         except UserError as exc:
             raise UserError(f"{row.where}: {exc}") from None
         ids, labels = rendered.input_ids, rendered.labels
@@ -54,6 +57,7 @@ def prepare_sft(
             )
         report.eos_appended += rendered.eos_appended
         report.turns_unmasked += rendered.turns_unmasked
+        report.unanswered_opening += rendered.unanswered_opening
         if len(ids) > max_length:
             if overlong == "drop":
                 report.dropped_overlong += 1

@@ -12,6 +12,7 @@ from qalign.errors import UserError
 STYLES = ("chatml", "llama3", "mistral")
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}
 BOS = "<|begin_of_text|>"
+EOS = "<|endoftext|>"
 
 SYSTEM = "Answer in one short sentence."
 CONVERSATIONS = {
@@ -303,3 +304,24 @@ def test_hand_checked_chatml_labels():
     ]
     # fmt: on
     assert (rendered.eos_appended, rendered.turns_unmasked) == (False, 0)
+
+
+def test_chatml_markers_spelled_out_in_a_base_vocabulary_still_end_in_a_trained_eos():
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from qalign.chat_template import CHATML_TEMPLATE, end_of_turn_ids
+
+    raw = json.loads((TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
+    raw["added_tokens"] = [
+        t for t in raw["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")
+    ]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(raw)), eos_token=EOS)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    rendered = render_conversation(tokenizer, CONVERSATIONS["single"])
+    # "<|im_end|>" is plain text here, nothing generation could stop on: the EOS after it is.
+    assert rendered.eos_appended
+    assert trained_runs(tokenizer, rendered) == ["The answer is 5.<|im_end|>" + EOS]
+    assert end_of_turn_ids(tokenizer) == []

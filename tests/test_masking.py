@@ -106,7 +106,9 @@ def test_plain_text_turn_endings_get_eos_appended(tokenizer):
     at = rendered.input_ids.index(tokenizer.eos_token_id)
     assert rendered.labels[at] == tokenizer.eos_token_id and rendered.labels[at - 1] != IGNORE
     assert all(label == IGNORE for label in rendered.labels[at + 1 :])
-    assert trained_runs(tokenizer, rendered) == [" The answer is 5.<|endoftext|>"]  # " The": see below
+    # The prompt ends in "assistant: " and is tokenized on its own, as `qalign chat` sends it: the reply
+    # starts at "The", and the space stays in the (untrained) prompt.
+    assert trained_runs(tokenizer, rendered) == ["The answer is 5.<|endoftext|>"]
     assert end_of_turn_id(tokenizer) is None
 
 
@@ -119,9 +121,9 @@ def test_history_rewriting_templates_train_only_the_stable_turns(tokenizer):
     )
     rendered = render_conversation(tokenizer, CONVERSATION)
     assert rendered.turns_unmasked == 1
-    # "A: " ends the prompt and the tokenizer merges that space into " It": a token holding reply characters
-    # is trained, so the reply's first word is never lost.
-    assert trained_runs(tokenizer, rendered) == [" It is 8.<|im_end|>"]
+    # "A: " ends the prompt, which is tokenized on its own (as at inference): no token straddles the prompt
+    # and the reply, so the space is prompt and the reply starts at "It".
+    assert trained_runs(tokenizer, rendered) == ["It is 8.<|im_end|>"]
 
 
 def test_a_template_that_refuses_the_conversation_is_a_user_error(tokenizer):

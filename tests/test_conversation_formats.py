@@ -1,0 +1,171 @@
+"""The formats issue #19 adds: tool turns (OpenAI and ShareGPT), a top-level ShareGPT system, TRL's
+conversational prompt/completion and explicit preference layouts; and how bad rows of them are named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qalign.data import Row, to_conversation, to_messages
+from qalign.dpo import split_preference
+from qalign.errors import UserError
+
+WHERE = "d.jsonl:4"
+CALL = {"id": "call00001", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+
+
+def row(data: dict) -> Row:
+    return Row(WHERE, data)
+
+
+def test_a_top_level_sharegpt_system_becomes_the_system_turn():
+    data = {
+        "system": "Be brief.",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+    }
+    assert to_messages(row(data), "sharegpt") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+    ]
+
+
+def test_a_sharegpt_system_field_and_system_turn_together_are_an_error():
+    data = {
+        "system": "Be brief.",
+        "conversations": [{"from": "system", "value": "Be long."}, {"from": "human", "value": "Hi"},
+                          {"from": "gpt", "value": "Yo"}],
+    }  # fmt: skip
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: a 'system' field and a system turn"):
+        to_messages(row(data), "sharegpt")
+
+
+def test_sharegpt_function_call_and_observation_are_a_tool_call_and_its_result():
+    data = {
+        "conversations": [
+            {"from": "human", "value": "Find x"},
+            {"from": "function_call", "value": json.dumps({"name": "lookup", "arguments": {"q": "x"}})},
+            {"from": "observation", "value": "found"},
+            {"from": "gpt", "value": "It is found."},
+        ]
+    }
+    messages = to_messages(row(data), "sharegpt")
+    assert messages[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}],
+    }
+    assert messages[2] == {"role": "tool", "content": "found"}
+
+
+def test_a_sharegpt_function_call_that_is_not_json_names_its_row():
+    data = {
+        "conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "lookup(x)"}]
+    }
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: conversations\[1\]\.value is not JSON"):
+        to_messages(row(data), "sharegpt")
+
+
+def test_openai_tool_turns_keep_their_ids_and_calls():
+    data = {
+        "messages": [
+            {"role": "user", "content": "Find x"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call00001", "content": "found"},
+            {"role": "assistant", "content": "It is found."},
+        ]
+    }
+    messages = to_messages(row(data), "messages")
+    assert messages[1]["tool_calls"] == [CALL] and messages[1]["content"] is None
+    assert messages[2] == {"role": "tool", "tool_call_id": "call00001", "content": "found"}
+
+
+@pytest.mark.parametrize(
+    ("turns", "expected"),
+    [
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "r"}], "turn 1 is 'tool' but 'assistant'"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "tool", "content": "r"}],
+            "turn 2 is 'tool' but 'user' was expected",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+             {"role": "user", "content": "c"}],
+            "turn 2 is 'user' but 'tool' was expected",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"function": {"arguments": 1}}]}],
+            "messages[1].tool_calls[0] must be an object with 'function'",
+        ),
+    ],
+)  # fmt: skip
+def test_tool_turns_out_of_place_name_the_turn(turns, expected):
+    with pytest.raises(UserError) as caught:
+        to_messages(row({"messages": turns}), "messages")
+    assert str(caught.value).startswith(f"{WHERE}: ") and expected in str(caught.value)
+
+
+def test_conversational_prompt_completion_trains_the_completion_only():
+    data = {
+        "prompt": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Sum 2 and 2"},
+        ],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
+    conversation = to_conversation(row(data), "prompt_completion")
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant", "user", "assistant"]
+    assert conversation.trained_from == 3
+
+
+def test_a_completion_without_an_assistant_turn_is_an_error():
+    data = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "user", "content": "Hm"}]}
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: turn 1 is 'user'"):
+        to_conversation(row(data), "prompt_completion")
+
+
+def test_trl_explicit_preference_rows_are_read():
+    data = {
+        "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+    prompt, chosen, rejected = split_preference(row(data))
+    assert [m["role"] for m in prompt] == ["system", "user"]
+    assert chosen == {"role": "assistant", "content": "Hello!"}
+    assert rejected == {"role": "assistant", "content": "Go away."}
+    # A string prompt works the same way.
+    prompt, _, _ = split_preference(row({**data, "prompt": "Hi"}))
+    assert prompt == [{"role": "user", "content": "Hi"}]
+
+
+def test_an_explicit_preference_side_of_several_turns_says_where_they_belong():
+    data = {
+        "prompt": "Hi",
+        "chosen": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "more"}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: 'chosen' must be one assistant turn .*'prompt'"):
+        split_preference(row(data))
+
+
+def test_gemma_refuses_tool_turns_by_turn_and_file_line():
+    from template_zoo import family_tokenizer
+
+    from qalign.sft import prepare_sft
+
+    data = {
+        "messages": [
+            {"role": "user", "content": "Find x"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call00001", "content": "found"},
+            {"role": "assistant", "content": "It is found."},
+        ]
+    }
+    with pytest.raises(UserError) as caught:
+        prepare_sft([row(data)], "messages", family_tokenizer("gemma2"), 512, "drop", "d.jsonl")
+    message = str(caught.value)
+    assert message.startswith(f"{WHERE}: turn 2 (tool): this model's chat template does not take tool")
+    assert "(the template says: Conversation roles must alternate" in message
