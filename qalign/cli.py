@@ -216,7 +216,11 @@ def _train(
             if len(present) > 1:
                 console.rule(f"[bold]{name}")
             if name == "merge":
-                _merge_recipe(loaded, progress, overwrite=overwrite)
+                # `qalign run` owns its export as it owns the stages: an earlier export of this recipe (one with
+                # qalign's merge report) is replaced when its adapter changed; anything else needs --overwrite.
+                export = Path(loaded.merge.out or loaded.out / "merged")
+                own = (export / "merge_report.json").is_file()
+                _merge_recipe(loaded, progress, overwrite=overwrite or own)
             else:
                 run_stage(loaded, name, progress, options)
 

@@ -19,7 +19,9 @@ class TrainingStopped(Exception):
         self.code = code
 
 
-def first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException | None) -> str:
     """A library exception's first line: the part a user can act on, without its stack of context."""
+    if exc is None:
+        return "no reason given"
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

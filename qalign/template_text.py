@@ -14,7 +14,7 @@ from collections.abc import Callable
 from jinja2 import TemplateError, UndefinedError
 from transformers import PreTrainedTokenizerBase
 
-from qalign.errors import UserError
+from qalign.errors import UserError, first_line
 
 # Marks where a turn's content sits in a render; plain letters, so no template's trim or split touches it.
 SENTINEL = "QALIGNSENTINELREPLY"
@@ -112,7 +112,7 @@ def explain_refusal(
         if refused is not None:
             break
     else:
-        return f"the chat template refused this conversation (the template says: {_first_line(exc)})"
+        return f"the chat template refused this conversation (the template says: {first_line(exc)})"
     message = messages[turn]
     role = message["role"]
     if role == "system" and _refusal(tokenizer, [m for m in messages if m["role"] != "system"]) is None:
@@ -124,7 +124,7 @@ def explain_refusal(
         why = "this model's chat template does not take tool calls or tool results in this form"
     else:
         why = "the chat template refused this turn"
-    return f"turn {turn} ({role}): {why} (the template says: {_first_line(refused)})"
+    return f"turn {turn} ({role}): {why} (the template says: {first_line(refused)})"
 
 
 def _refusal(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> BaseException | None:
@@ -141,11 +141,6 @@ def _refusal(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> BaseEx
             refusals.append(exc)
     deliberate = [e for e in refusals if isinstance(e, TemplateError) and not isinstance(e, UndefinedError)]
     return (deliberate or refusals)[0]
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip() if exc is not None else ""
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def closing_text(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int) -> str:
