@@ -95,7 +95,7 @@ def run_worker(
 
 
 def medians(runs: list[dict]) -> dict:
-    keys = ("tokens_per_s", "tokens_per_s_train", "peak_mib", "precompute_s")
+    keys = ("tokens_per_s", "tokens_per_s_train", "peak_mib", "train_mib", "precompute_s")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     first = runs[0]
     out.update(

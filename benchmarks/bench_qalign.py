@@ -68,6 +68,7 @@ def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
             len(e.chosen_ids) + len(e.rejected_ids) if hasattr(e, "chosen_ids") else len(e.input_ids)
             for e in examples
         )
+        clock.training_begins()
         record = original_step(self)
         clock.step_done(tokens)
         return record

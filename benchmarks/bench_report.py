@@ -66,6 +66,18 @@ def machine() -> dict:
     return info
 
 
+def _mib(entry: dict) -> str:
+    value = entry.get("train_mib")
+    return "n/a" if value is None or value != value else f"{value:,.0f}"
+
+
+def _ratio(ours: dict, theirs: dict) -> str:
+    a, b = ours.get("train_mib"), theirs.get("train_mib")
+    if a is None or b is None or a != a or b != b or b <= 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
 def mfu(entry: dict, model: dict, args: argparse.Namespace) -> float | None:
     """Model FLOPs utilization by the 6N-per-token convention (N: parameters without the input embeddings)."""
     if entry["device"] != "cuda":
@@ -80,9 +92,12 @@ def mfu(entry: dict, model: dict, args: argparse.Namespace) -> float | None:
 
 
 def comparisons(summary: dict, args: argparse.Namespace) -> list[dict]:
+    """qalign and TRL side by side per (stage, mode), matched-settings modes first: they compare like with like,
+    where `defaults` also compares the tools' choices."""
     rows = []
+    modes = sorted(args.modes, key=lambda mode: mode == "defaults")
     for stage in args.stages:
-        for mode in args.modes:
+        for mode in modes:
             ours, theirs = summary.get(("qalign", stage, mode)), summary.get(("trl", stage, mode))
             if ours and theirs:
                 rows.append({"stage": stage, "mode": mode, "qalign": ours, "trl": theirs})
@@ -165,12 +180,16 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
         f"the optimizer steps after the first {args.warmup}, divided by the wall-clock time of those steps, plus, "
         "where a tool precomputes reference log-probs, the timed steps' share of that pass (the pass covers the "
         "whole epoch). **train-only** leaves the precompute pass out. **peak MiB** is the worker process's "
-        f"{memory} (model loading included). Ratios are qalign / TRL: speed above 1 and memory below 1 favour qalign.",
+        f"{memory} (imports and model loading included). **train MiB** is what training itself adds: the peak "
+        "during the optimizer steps above the memory in use when the first one began (model loaded, reference "
+        "pass done; on a CPU the resident set's high-water mark, reset through /proc/self/clear_refs). Ratios "
+        "are qalign / TRL: speed above 1 and memory below 1 favour qalign. Matched-settings modes come first.",
         "",
         "| stage | mode | qalign tok/s | TRL tok/s | speed ratio | qalign train-only | TRL train-only "
-        "| qalign peak MiB | TRL peak MiB | memory ratio |"
+        "| qalign peak MiB | TRL peak MiB | memory ratio | qalign train MiB | TRL train MiB | train memory ratio |"
         + (" qalign MFU | TRL MFU |" if device == "cuda" else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if device == "cuda" else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if device == "cuda" else ""),
     ]
     for row in rows:
         ours, theirs = row["qalign"], row["trl"]
@@ -178,7 +197,8 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
             f"| {row['stage']} | {row['mode']} | {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} | "
             f"**{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x** | {ours['tokens_per_s_train']:,.0f} | "
             f"{theirs['tokens_per_s_train']:,.0f} | {ours['peak_mib']:,.0f} | {theirs['peak_mib']:,.0f} | "
-            f"**{ours['peak_mib'] / theirs['peak_mib']:.2f}x** |"
+            f"**{ours['peak_mib'] / theirs['peak_mib']:.2f}x** | {_mib(ours)} | {_mib(theirs)} | "
+            f"**{_ratio(ours, theirs)}** |"
         )
         if device == "cuda":
             line += " ".join(

@@ -100,6 +100,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
 
     class Counted(trainer_class):
         def training_step(self, model, inputs, *rest, **kw):
+            clock.training_begins()
             mask = inputs.get("attention_mask")
             clock.pending += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
             return super().training_step(model, inputs, *rest, **kw)

@@ -79,6 +79,13 @@ class StepClock:
         self.tokens: list[int] = []
         self.pending = 0
         self.precompute_s = 0.0
+        self.baseline_mib: float | None = None
+
+    def training_begins(self) -> None:
+        """Called as the first optimizer step starts (model loaded, any reference pass done): memory from here
+        on is what training itself costs, apart from imports, loading and the allocator's earlier state."""
+        if self.baseline_mib is None:
+            self.baseline_mib = reset_peak_memory()
 
     def step_done(self, tokens: int | None = None) -> None:
         self.ends.append(time.perf_counter())
@@ -113,6 +120,36 @@ def peak_memory_mib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "peak RSS"
 
 
+def reset_peak_memory() -> float:
+    """Memory in use now (MiB), with the peak counter restarted from it: allocated CUDA memory on a GPU; on
+    Linux the resident set, whose high-water mark (VmHWM) writing 5 to clear_refs resets."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan")
+    return _status_kib("VmRSS") / 1024
+
+
+def training_peak_mib() -> float:
+    """The peak since reset_peak_memory, in MiB (nan where it cannot be read)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        return _status_kib("VmHWM") / 1024
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"no {field} in /proc/self/status")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
 
         settings = run_trl(args, clock)
     total_s = time.perf_counter() - started
+    # Read before peak_memory_mib: on a CPU the process's lifetime peak (ru_maxrss) is unaffected by the reset,
+    # the resident high-water mark is the training loop's.
+    train_peak = training_peak_mib()
     peak, how = peak_memory_mib()
     result = {
         "tool": args.tool,
@@ -137,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         "overrides": args.overrides,
         "peak_mib": peak,
         "memory": how,
+        # Training memory: the peak during the optimizer steps above what was in use when they began.
+        "train_mib": train_peak - clock.baseline_mib if clock.baseline_mib is not None else float("nan"),
+        "baseline_mib": clock.baseline_mib,
         "process_s": total_s,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),

@@ -61,6 +61,9 @@ def test_worker_measures_dpo(inputs: Path, tool: str) -> None:
     # 2 pairs a step, chosen and rejected the same length: every step counts the same tokens.
     assert len(set(result["step_tokens"])) == 1 and result["timed_steps"] == 2
     assert result["tokens_per_s"] > 0 and result["peak_mib"] > 0
+    # Training memory is measured from the first step on, apart from loading: above a positive baseline,
+    # and below the whole process's peak.
+    assert result["baseline_mib"] > 0 and 0 <= result["train_mib"] < result["peak_mib"]
     if tool == "qalign":
         # The reference pass runs once, before training, and its share lowers the wall-clock figure.
         assert result["precompute_s"] > 0 and result["tokens_per_s"] < result["tokens_per_s_train"]
