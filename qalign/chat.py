@@ -41,6 +41,10 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
             _tokenizer(adapter, warn, recipe.model),
             str(adapter),
         )
+    if stage is not None:
+        raise UserError(
+            f"--stage {stage}: only a recipe has stages; {target} is one model, so leave --stage out"
+        )
     if (target / "adapter_config.json").is_file():
         from qalign.adapter import TrainedAs
 
@@ -115,7 +119,7 @@ class ChatSession:
     """A conversation with a model: the history, and streamed replies rendered through its chat template."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, temperature: float, top_p: float, max_new_tokens: int,
-                 seed: int | None) -> None:  # fmt: skip
+                 seed: int | None, system: str | None = None) -> None:  # fmt: skip
         from qalign.chat_template import end_of_turn_ids
 
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -125,7 +129,9 @@ class ChatSession:
             max_new_tokens,
             seed,
         )
-        self.history: list[dict] = []
+        # Training data usually has a system turn; the conversation starts with it, and /reset keeps it.
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.history: list[dict] = list(self.system)
         # Every id a turn can end on: the template's end-of-turn tokens (Phi's <|end|> besides its EOS
         # <|endoftext|>) and generation_config's EOS list (Llama 3.1's <|eom_id|>), or replies run on.
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -137,7 +143,7 @@ class ChatSession:
         self.pad_id = pad if pad is not None else (self.stop_ids or [0])[0]
 
     def reset(self) -> None:
-        self.history = []
+        self.history = list(self.system)
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the assistant's answer to `text`, piece by piece; the history keeps both turns. Closing the
@@ -210,10 +216,11 @@ def chat(
     overrides: list[str] | None = None,
     input_fn: Callable[[str], str] = input,
     warn: Callable[[str], None] | None = None,
+    system: str | None = None,
 ) -> ChatSession:
     """One answer for `prompt`, or an interactive loop with /reset and /exit. Returns the session."""
     model, tokenizer, described = load_target(target, stage, overrides, warn or (lambda m: None))
-    session = ChatSession(model, tokenizer, temperature, top_p, max_new_tokens, seed)
+    session = ChatSession(model, tokenizer, temperature, top_p, max_new_tokens, seed, system)
 
     def answer(text: str) -> None:
         pieces = session.reply(text)

@@ -527,6 +527,12 @@ def chat_command(
         int, typer.Option("--max-new-tokens", metavar="N", help="Longest reply, in tokens.")
     ] = 256,
     seed: Annotated[int | None, typer.Option("--seed", metavar="N", help="Same seed, same answer.")] = None,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            "--system", metavar="TEXT", help="A system turn the conversation starts with (kept by /reset)."
+        ),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Talk to a model from the terminal: streams tokens, keeps the history; /reset and /exit."""
@@ -541,7 +547,19 @@ def chat_command(
         def warn(message: str) -> None:
             err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
-        chat(target, stage, prompt, temperature, top_p, max_new_tokens, seed, console, set_, warn=warn)
+        chat(
+            target,
+            stage,
+            prompt,
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+            console,
+            set_,
+            warn=warn,
+            system=system,
+        )
 
 
 def main() -> None:

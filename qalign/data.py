@@ -81,6 +81,14 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
+                end = len(line.rstrip("\r\n"))
+                if exc.pos >= len(line.rstrip()):
+                    # The object is still open where the line stops: the error is where the line breaks.
+                    raise UserError(
+                        f"{where}: the line ends at column {end} before its JSON object is complete; each line "
+                        "must hold one whole object (the line may be cut short, or a value broken over two lines: "
+                        "write a newline inside a string as \\n)"
+                    ) from None
                 raise UserError(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
             if not isinstance(data, dict):
                 raise UserError(f"{where}: each line must be a JSON object, got {type(data).__name__}")

@@ -48,18 +48,57 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+_HUB_UNREACHABLE: dict[str, str | None] = {}
+
+
+def hub_unreachable(base: str) -> str | None:
+    """Why the model hub cannot be reached (None when it can, or when `base` is a local folder, or offline mode
+    is on). Asked once per process with a 3-second connect, instead of the hub client's retries that take about
+    a minute to fail without a network."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(base).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"):
+        return None
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    if endpoint.hostname not in _HUB_UNREACHABLE:
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=3).close()
+            _HUB_UNREACHABLE[endpoint.hostname] = None
+        except OSError as exc:
+            _HUB_UNREACHABLE[endpoint.hostname] = (
+                f"{constants.ENDPOINT} cannot be reached ({first_line(exc)})"
+            )
+    return _HUB_UNREACHABLE[endpoint.hostname]
+
+
+def offline_hint(base: str, why: str) -> str:
+    return (
+        f"'{base}' is not a local folder and {why}. Use a local folder as model.base, or set HF_HUB_OFFLINE=1 "
+        "to use models already in the Hugging Face cache, or connect to a network"
+    )
+
+
 def load_tokenizer(
     spec: ModelSpec, warn: Callable[[str], None], local_files_only: bool = False
 ) -> PreTrainedTokenizerBase:
     """The base's tokenizer with the chat template training will use, and a pad token."""
+    unreachable = None if local_files_only else hub_unreachable(spec.base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             spec.base,
             revision=spec.revision,
             trust_remote_code=spec.trust_remote_code,
-            local_files_only=local_files_only,
+            # Without a network the cache may still hold the model: use it rather than wait on retries.
+            local_files_only=local_files_only or unreachable is not None,
         )
     except (OSError, ValueError) as exc:
+        if unreachable is not None:
+            raise UserError(f"model.base: {offline_hint(spec.base, unreachable)}") from None
         raise UserError(
             f"model.base: cannot load a tokenizer from '{spec.base}': {first_line(exc)}"
         ) from None
@@ -92,6 +131,9 @@ def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
             bnb_4bit_quant_storage=torch.uint8,
         )
     kwargs = {}
+    unreachable = hub_unreachable(spec.base)
+    if unreachable is not None:
+        kwargs["local_files_only"] = True
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
     try:
@@ -110,6 +152,8 @@ def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
             **kwargs,
         )
     except (OSError, ValueError, SafetensorError) as exc:
+        if unreachable is not None:
+            raise UserError(f"model.base: {offline_hint(spec.base, unreachable)}") from None
         folder = Path(spec.base)
         pickles = folder.is_dir() and any(p.suffix in (".bin", ".pt") for p in folder.iterdir())
         hint = ""

@@ -50,9 +50,13 @@ class Progress:
         self.err.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
     @contextmanager
-    def bar(self, name: str, total: int, start: int, unit: str = "step") -> Iterator[_Bar]:
+    def bar(
+        self, name: str, total: int, start: int, unit: str = "step", every: int | None = None
+    ) -> Iterator[_Bar]:
+        """A live bar on a terminal; piped, a plain line every `every` units (default: each tenth of the total)
+        and at least once a minute."""
         if not self.console.is_terminal:
-            yield _PlainBar(self, name, total, unit)
+            yield _PlainBar(self, name, total, unit, every)
             return
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -84,9 +88,9 @@ class _RichBar(_Bar):
 class _PlainBar(_Bar):
     EVERY_S = 60.0
 
-    def __init__(self, progress: Progress, name: str, total: int, unit: str) -> None:
+    def __init__(self, progress: Progress, name: str, total: int, unit: str, every: int | None) -> None:
         self.progress, self.name, self.total, self.unit = progress, name, total, unit
-        self.every = max(1, total // 10)
+        self.every = every or max(1, total // 10)
         self.started = self.last = time.monotonic()
 
     def update(self, step: int, metrics: dict) -> None:

@@ -41,7 +41,7 @@ def compute_reference(
     model.eval()
     out = torch.zeros(len(examples), 4, dtype=torch.float64)
     skip = model.disable_adapter() if adds_nothing(model) else nullcontext()
-    with skip, progress.bar(f"reference {label}", len(examples), 0) as bar:
+    with skip, progress.bar(f"reference {label}", len(examples), 0, unit="pair") as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items() if k != "reference"}

@@ -126,7 +126,7 @@ class Trainer:
         shown: dict = {}
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with self.progress.bar(self.stage.name, self.total, self.step) as bar:
+            with self.progress.bar(self.stage.name, self.total, self.step, every=self.spec.log_every) as bar:
                 while self.step < self.total:
                     try:
                         record = self._train_step()

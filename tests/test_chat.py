@@ -78,6 +78,21 @@ def test_a_stage_without_an_adapter_or_a_stray_folder_is_a_user_error(trained, t
         chat(recipe, "dpo", "hi", 0.0, 1.0, 4, None, Console(file=io.StringIO()))
     with pytest.raises(UserError, match="not a recipe"):
         chat(tmp_path, None, "hi", 0.0, 1.0, 4, None, Console(file=io.StringIO()))
+    adapter = recipe.parent / "runs" / "tiny" / "sft" / "adapter"
+    with pytest.raises(UserError, match="only a recipe has stages"):
+        chat(adapter, "sft", "hi", 0.0, 1.0, 4, None, Console(file=io.StringIO()))
+
+
+def test_a_system_turn_starts_the_conversation_and_survives_reset(trained):
+    from qalign.chat import ChatSession, load_target
+
+    _, recipe = trained
+    model, tokenizer, _ = load_target(recipe, None, None, lambda m: None)
+    session = ChatSession(model, tokenizer, 0.0, 1.0, 3, None, system="Answer in one word.")
+    "".join(session.reply("What is 1 + 1?"))
+    assert [m["role"] for m in session.history] == ["system", "user", "assistant"]
+    session.reset()
+    assert session.history == [{"role": "system", "content": "Answer in one word."}]
 
 
 def test_session_keeps_alternating_turns_and_an_abandoned_reply_leaves_no_trace(trained, tiny_model):

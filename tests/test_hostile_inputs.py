@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -234,3 +236,26 @@ def test_pickle_weights_load_when_the_recipe_opts_in(setup):
 
     spec = load_recipe(recipe, ["model.allow_pickle=true"]).model
     assert load_base(spec, torch.device("cpu")) is not None
+
+
+def test_a_hub_id_without_a_network_fails_fast_with_what_to_do(tmp_path):
+    from test_cli_sft import ENV
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: hub\nmodel:\n  base: Qwen/Qwen2.5-0.5B-Instruct\nsft:\n  data:\n    train: d.jsonl\n"
+    )
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    # A closed port on this machine stands in for a hub nobody can reach; the cache is empty.
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "qalign", "validate", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "cannot be reached" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr
+    assert "Traceback" not in done.stderr
