@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,10 +19,6 @@ from typer.core import TyperCommand, TyperGroup
 
 from qalign import __version__
 from qalign.errors import UserError
-
-if TYPE_CHECKING:
-    from qalign.progress import Progress
-    from qalign.recipe import Recipe
 
 
 class _PlainHelp:
@@ -218,36 +214,12 @@ def _train(
             if name == "merge":
                 # `qalign run` owns its export as it owns the stages: an earlier export of this recipe (one with
                 # qalign's merge report) is replaced when its adapter changed; anything else needs --overwrite.
-                export = Path(loaded.merge.out or loaded.out / "merged")
-                own = (export / "merge_report.json").is_file()
-                _merge_recipe(loaded, progress, overwrite=overwrite or own)
+                from qalign.merge import export_folder, run_merge
+
+                own = (export_folder(loaded) / "merge_report.json").is_file()
+                run_merge(loaded, progress, overwrite=overwrite or own)
             else:
                 run_stage(loaded, name, progress, options)
-
-
-def _merge_recipe(
-    recipe: Recipe,
-    progress: Progress,
-    stage: str | None = None,
-    out: Path | None = None,
-    dtype: str | None = None,
-    base_weights: str | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Merge a recipe's adapter, refusing a DPO adapter that no longer follows from the run's SFT adapter."""
-    from qalign.identity import stale_start
-    from qalign.layout import find_adapter
-    from qalign.merge import run_merge
-
-    if find_adapter(recipe, stage).parent.name == "dpo":
-        stale = stale_start(recipe)
-        if stale is not None:
-            raise UserError(
-                f"{stale}: exporting it would leave the sft training out. Train dpo again "
-                f"(qalign dpo {recipe.source} --no-resume --overwrite, or qalign run {recipe.source}), "
-                "or merge the sft adapter with --stage sft"
-            )
-    run_merge(recipe, progress, stage, out, dtype, base_weights, overwrite)
 
 
 @app.command()
@@ -343,7 +315,9 @@ def merge(
                 raise UserError("give either a recipe or --base/--adapter/--out, not both")
             loaded = load_recipe(recipe, set_)
             _quiet_libraries()
-            _merge_recipe(loaded, progress, stage, out, dtype, base_weights, overwrite)
+            from qalign.merge import run_merge
+
+            run_merge(loaded, progress, stage, out, dtype, base_weights, overwrite)
             return
         if adapter is None or out is None:
             raise UserError("qalign merge needs a recipe, or --adapter DIR --out DIR (and --base MODEL)")

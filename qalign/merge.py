@@ -314,6 +314,14 @@ def fidelity_hint(trained: TrainedAs, dtype: str, base_weights: str) -> str:
     )
 
 
+def export_folder(recipe: object) -> Path:
+    """Where a recipe's merged model goes: merge.out, else the run layout's merged/."""
+    from qalign.layout import RunLayout
+
+    spec = getattr(recipe, "merge", None)
+    return Path(spec.out) if spec is not None and spec.out else RunLayout(recipe.out).merged
+
+
 def run_merge(
     recipe: object,
     progress: Progress,
@@ -328,9 +336,19 @@ def run_merge(
     from qalign.layout import find_adapter
     from qalign.recipe import MergeSpec
 
-    spec = recipe.merge or MergeSpec()
     adapter = find_adapter(recipe, stage)
-    out = out or Path(spec.out or recipe.out / "merged")
+    if adapter.parent.name == "dpo":
+        from qalign.identity import stale_start
+
+        stale = stale_start(recipe)
+        if stale is not None:
+            raise UserError(
+                f"{stale}: exporting it would leave the sft training out. Train dpo again "
+                f"(qalign dpo {recipe.source} --no-resume --overwrite, or qalign run {recipe.source}), "
+                "or merge the sft adapter with --stage sft"
+            )
+    spec = recipe.merge or MergeSpec()
+    out = out or export_folder(recipe)
     dtype, base_weights = dtype or spec.dtype, base_weights or spec.base_weights
     report_path = out / "merge_report.json"
     if report_path.exists() and not overwrite:
