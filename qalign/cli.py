@@ -212,12 +212,9 @@ def _train(
             if len(present) > 1:
                 console.rule(f"[bold]{name}")
             if name == "merge":
-                # `qalign run` owns its export as it owns the stages: an earlier export of this recipe (one with
-                # qalign's merge report) is replaced when its adapter changed; anything else needs --overwrite.
-                from qalign.merge import export_folder, run_merge
+                from qalign.merge import run_merge
 
-                own = (export_folder(loaded) / "merge_report.json").is_file()
-                run_merge(loaded, progress, overwrite=overwrite or own)
+                run_merge(loaded, progress, overwrite=overwrite, replace_own=True)
             else:
                 run_stage(loaded, name, progress, options)
 

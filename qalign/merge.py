@@ -330,8 +330,11 @@ def run_merge(
     dtype: str | None = None,
     base_weights: str | None = None,
     overwrite: bool = False,
+    replace_own: bool = False,
 ) -> Path:
-    """`qalign merge RECIPE`: the last stage's adapter (or `stage`'s) into <output_dir>/merged/."""
+    """`qalign merge RECIPE`: the last stage's adapter (or `stage`'s) into <output_dir>/merged/. `replace_own`:
+    an earlier export of this recipe (one with qalign's merge report) may be replaced without `overwrite`, as
+    `qalign run` does when a stage changed: it owns its export as it owns the stages."""
     from qalign.data import read_rows, to_messages
     from qalign.layout import find_adapter
     from qalign.recipe import MergeSpec
@@ -362,6 +365,7 @@ def run_merge(
         ):
             progress.info(f"merge is already complete: {out}")
             return out
+    overwrite = overwrite or (replace_own and report_path.is_file())
     refuse_existing(out, overwrite)  # before reading data: an earlier export stays exactly as it was
     trained = TrainedAs.from_adapter(adapter, base=recipe.model.base)
     conversations = []
