@@ -35,6 +35,7 @@ class Case:
     checkpointing: bool
     attn: str | None = None
     dtype: str = "auto"  # the recipe's model.compute_dtype
+    prompt: int | None = None  # prompt tokens of each row; None: PROMPT_SHARE of it
 
 
 def _shape(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> dict:
@@ -125,7 +126,7 @@ def _examples(case: Case, vocab: int) -> list:
     from qalign.sft import SftExample
 
     generator = torch.Generator().manual_seed(0)
-    prompt = int(case.seq * PROMPT_SHARE)
+    prompt = int(case.seq * PROMPT_SHARE) if case.prompt is None else case.prompt
 
     def tokens(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=generator).tolist()
@@ -173,6 +174,11 @@ def _live_bytes(tensors: list[torch.Tensor]) -> int:
 
 def measure(case: Case, recipe) -> int:
     """Peak bytes of live tensors during one training step (after a warm-up step)."""
+    return sum(measure_parts(case, recipe))
+
+
+def measure_parts(case: Case, recipe) -> tuple[int, int]:
+    """(bytes of live tensors before the step, the highest the step's allocations rise above that)."""
     from torch.profiler import ProfilerActivity, profile
 
     from qalign.dpo import make_dpo_step
@@ -213,7 +219,7 @@ def measure(case: Case, recipe) -> int:
     for _, delta in events:
         live += delta
         highest = max(highest, live)
-    return before + highest
+    return before, highest
 
 
 def run(cases: list[Case], root: Path) -> list[tuple[Case, int, int]]:
