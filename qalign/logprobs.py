@@ -66,7 +66,16 @@ def selective_logprobs(base: torch.nn.Module, hidden: torch.Tensor, targets: tor
     config = base.config
     chunk = chunk_tokens(head.weight.shape[0])
     if type(head) is torch.nn.Linear:
-        return _TrainedTokenLogprobs.apply(hidden, head.weight, head.bias, targets, config, chunk)
+        inputs = (hidden, head.weight, head.bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return _TrainedTokenLogprobs.apply(hidden, head.weight, head.bias, targets, config, chunk)
+        # No graph (reference passes, evaluation): the function would still be told its inputs need gradients
+        # and compute them.
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            piece = slice(start, start + chunk)
+            logps[piece] = _chunk(hidden[piece], head.weight, head.bias, targets[piece], config, False)[0]
+        return logps
     # Anything else (an adapter or a quantized layer on the head) goes through its own module, whose logits
     # autograd keeps per chunk: correct, only not as lean.
     out = []
