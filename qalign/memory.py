@@ -246,12 +246,12 @@ def estimate(
 def _loss_head_bytes(arch: Architecture, positions: int, a: int) -> int:
     """The loss head at its peak, in its forward (qalign/logprobs.py): the trained positions' hidden states
     and their unit gradients ([N, H] each, in the compute dtype), fp32 log-probs and int64 targets, and one
-    chunk's logits. A chunk holds one fp32 buffer (logits, turned in place into the softmax, then into their
-    gradient) and, at most at once, either the head's output before its fp32 cast or the gradient's cast
-    back (below fp32), or with softcapping the tanh kept for its derivative."""
+    chunk's logits: two fp32 buffers at once (the logits and their log-softmax, which turns into their
+    gradient in place), three with softcapping (the tanh kept for its derivative); below fp32 the head's output
+    before its cast and the gradient's cast back are smaller than the second buffer they sit beside."""
     per_position = 2 * arch.hidden * a + 4 + 8
     chunk = min(positions, chunk_tokens(arch.vocab))
-    per_logit = 4 + max(a if a < 4 else 0, 4 if arch.logit_softcap else 0)
+    per_logit = 8 + (4 if arch.logit_softcap else 0)
     return positions * per_position + chunk * arch.vocab * per_logit
 
 
