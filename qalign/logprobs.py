@@ -88,8 +88,8 @@ def selective_logprobs(base: torch.nn.Module, hidden: torch.Tensor, targets: tor
 class _TrainedTokenLogprobs(torch.autograd.Function):
     """log softmax(transform(hidden @ weight.T + bias))[target], chunk by chunk.
 
-    d log p / d logits is (onehot(target) - softmax), which does not depend on the gradient that will arrive,
-    so the forward turns each chunk's logits into that and on into the hidden state's gradient per unit
+    d(-log p) / d logits is (softmax - onehot(target)), which does not depend on the gradient that will
+    arrive, so the forward turns each chunk's logits into that and on into the hidden state's gradient per unit
     upstream gradient ([N, H], as small as the hidden states), and drops the logits. The backward only scales
     it: the head's matrix multiply runs twice per step, as for plain autograd, and no logits are kept. Only a
     trainable head (tied embeddings being trained, say) has its logits recomputed in the backward, one chunk
@@ -104,7 +104,8 @@ class _TrainedTokenLogprobs(torch.autograd.Function):
             piece = slice(start, start + chunk)
             logps[piece], dlogits = _chunk(hidden[piece], weight, bias, targets[piece], config, need_hidden)
             if dlogits is not None:
-                torch.mm(dlogits.to(weight.dtype), weight, out=unit_grad[piece])
+                # (mm with out= is about a quarter slower on a CPU than a plain mm and a copy of its result)
+                unit_grad[piece] = torch.mm(dlogits.to(weight.dtype), weight)
             del dlogits  # before the next chunk's logits exist, not after
         keep_inputs = need_weight or need_bias
         ctx.save_for_backward(
@@ -122,14 +123,14 @@ class _TrainedTokenLogprobs(torch.autograd.Function):
         unit_grad, hidden, weight, bias, targets = ctx.saved_tensors
         grad_hidden = grad_weight = grad_bias = None
         if unit_grad is not None:
-            grad_hidden = (unit_grad.float() * grad.unsqueeze(1)).to(unit_grad.dtype)
+            grad_hidden = (unit_grad.float() * -grad.unsqueeze(1)).to(unit_grad.dtype)
         if weight is not None:
             grad_weight = torch.zeros_like(weight)
             grad_bias = torch.zeros_like(bias) if bias is not None else None
             for start in range(0, hidden.shape[0], ctx.chunk):
                 piece = slice(start, start + ctx.chunk)
                 _, dlogits = _chunk(hidden[piece], weight, bias, targets[piece], ctx.config, True)
-                dlogits = dlogits.mul_(grad[piece].unsqueeze(1)).to(weight.dtype)
+                dlogits = dlogits.mul_(-grad[piece].unsqueeze(1)).to(weight.dtype)
                 grad_weight.addmm_(dlogits.t(), hidden[piece])
                 if grad_bias is not None:
                     grad_bias += dlogits.sum(0)
@@ -147,7 +148,7 @@ def _chunk(
     config: object,
     want_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log p of each target [C], d log p / d head output [C, V] in fp32 or None). At most two fp32 logits-sized
+    """(log p of each target [C], d(-log p) / d head output [C, V] in fp32 or None). At most two fp32 logits-sized
     buffers at once (three with softcapping): the logits and their log-softmax, which then turns in place into
     the gradient."""
     logits = F.linear(hidden, weight, bias).float()
@@ -159,8 +160,10 @@ def _chunk(
     logps = log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
     if not want_grad:
         return logps, None
-    dlogits = log_probs.exp_().neg_()
-    dlogits.scatter_add_(1, targets.unsqueeze(1), torch.ones_like(logps).unsqueeze(1))
+    # The gradient of -log p, not of log p: softmax - onehot needs no pass to negate [C, V] (the backward
+    # negates the upstream gradient, [N], instead).
+    dlogits = log_probs.exp_()
+    dlogits.scatter_add_(1, targets.unsqueeze(1), torch.full_like(logps, -1).unsqueeze(1))
     if isinstance(slope, torch.Tensor) or slope != 1:
         dlogits.mul_(slope)
     return logps, dlogits
