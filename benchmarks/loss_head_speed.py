@@ -126,12 +126,14 @@ def training_steps(reps: int = 6, dtype: str = "auto") -> None:
 
     from qalign import logprobs
     from qalign.dpo import collate_dpo, make_dpo_step
+    from qalign.host_allocator import keep_freed_buffers
     from qalign.lora import tune_lora_layers
     from qalign.model import attach_lora, compute_dtype, load_base
     from qalign.recipe import DpoSpec, LoraSpec, ModelSpec
     from qalign.runner import disable_dropout
     from qalign.sft import collate_sft, sft_step
 
+    keep_freed_buffers()  # as the CLI does before training
     shipped = logprobs.selective_logprobs
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
