@@ -35,6 +35,7 @@ class Case:
     checkpointing: bool
     attn: str | None = None
     dtype: str = "auto"  # the recipe's model.compute_dtype
+    prompt: int | None = None  # prompt tokens of each row; None: PROMPT_SHARE of it
 
 
 def _shape(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> dict:
@@ -69,10 +70,24 @@ BF16 = [
     Case("llama-wide", "LlamaConfig", LLAMA_WIDE, "dpo", 1, 256, True, dtype="bf16"),
 ]
 FP32 = [replace(BF16[i], dtype="fp32") for i in (0, 1, 3, 4, 5, 7, 8, 10)]
+# Vocabularies of Llama 3 (128k) and Gemma (256k) on a tiny body, where the loss head is most of the step.
+LLAMA_V131K = dict(_shape(64, 128, 2, 4, 2, 131072), max_position_embeddings=4096)
+LLAMA_V256K = _shape(64, 128, 2, 4, 2, 262144)
+GEMMA2_V256K = dict(_shape(64, 128, 2, 4, 2, 262144), head_dim=16)  # softcapped logits, eager attention
+BIG_VOCAB = [
+    Case("llama-v131k", "LlamaConfig", LLAMA_V131K, "sft", 1, 2048, True, dtype="fp32", prompt=10),
+    Case("llama-v131k", "LlamaConfig", LLAMA_V131K, "sft", 1, 2048, True, dtype="bf16", prompt=10),
+    Case("llama-v131k", "LlamaConfig", LLAMA_V131K, "dpo", 1, 1024, True, dtype="fp32"),
+    Case("llama-v256k", "LlamaConfig", LLAMA_V256K, "sft", 2, 512, False, dtype="bf16"),
+    Case("llama-v256k", "LlamaConfig", LLAMA_V256K, "dpo", 2, 256, True, dtype="bf16"),
+    Case("gemma2-v256k", "Gemma2Config", GEMMA2_V256K, "sft", 2, 256, True, dtype="fp32"),
+    Case("gemma2-v256k", "Gemma2Config", GEMMA2_V256K, "dpo", 1, 256, False, dtype="bf16"),
+]
 # bf16 first: what `compute_dtype: auto` gives on CPUs with native bf16.
-CASES = BF16 + FP32
-# A few quick cases for the test suite: both dtypes, SFT with and without checkpointing, and DPO.
-FAST_CASES = [BF16[0], BF16[1], BF16[8], FP32[0], FP32[6]]
+CASES = BF16 + FP32 + BIG_VOCAB
+# A few quick cases for the test suite: both dtypes, SFT with and without checkpointing, DPO, and a 128k
+# vocabulary.
+FAST_CASES = [BF16[0], BF16[1], BF16[8], FP32[0], FP32[6], BIG_VOCAB[2]]
 
 PROMPT_SHARE = 0.25  # the first quarter of each row is prompt (not trained)
 
@@ -125,7 +140,7 @@ def _examples(case: Case, vocab: int) -> list:
     from qalign.sft import SftExample
 
     generator = torch.Generator().manual_seed(0)
-    prompt = int(case.seq * PROMPT_SHARE)
+    prompt = int(case.seq * PROMPT_SHARE) if case.prompt is None else case.prompt
 
     def tokens(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=generator).tolist()
@@ -173,6 +188,11 @@ def _live_bytes(tensors: list[torch.Tensor]) -> int:
 
 def measure(case: Case, recipe) -> int:
     """Peak bytes of live tensors during one training step (after a warm-up step)."""
+    return sum(measure_parts(case, recipe))
+
+
+def measure_parts(case: Case, recipe) -> tuple[int, int]:
+    """(bytes of live tensors before the step, the highest the step's allocations rise above that)."""
     from torch.profiler import ProfilerActivity, profile
 
     from qalign.dpo import disable_dropout, make_dpo_step
@@ -212,7 +232,7 @@ def measure(case: Case, recipe) -> int:
     for _, delta in events:
         live += delta
         highest = max(highest, live)
-    return before + highest
+    return before, highest
 
 
 def run(cases: list[Case], root: Path) -> list[tuple[Case, int, int]]:

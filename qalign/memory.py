@@ -17,7 +17,7 @@ import torch
 
 from qalign.chat_template import IGNORE
 from qalign.errors import UserError
-from qalign.logprobs import CHUNK_TOKENS
+from qalign.logprobs import chunk_tokens
 from qalign.model_shapes import Architecture, describe, load_config, quantized_bytes
 from qalign.recipe import LoraSpec, Recipe, TrainSpec
 
@@ -25,9 +25,6 @@ GiB = 2**30
 MiB = 2**20
 CUDA_CONTEXT = 450 * MiB  # CUDA runtime, cuBLAS workspace and kernels: typically 300-600 MiB
 ALLOCATOR_SHARE = 0.08  # the caching allocator's fragmentation, as a share of what changes every step
-# Logits-sized fp32 buffers alive at once in the LM head's backward, besides the log-softmax cross_entropy
-# saves: the gradient arriving at the log-softmax and the one it returns (measured on CPU, plan_accuracy.py).
-LOGIT_BACKWARD_BUFFERS = 2
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -186,11 +183,8 @@ def estimate(
     # until the backward reaches them, before any layer's.
     ids = 24 * tokens
     final = (4 * arch.hidden + arch.hidden * a) * tokens
-    # cross_entropy keeps the fp32 log-softmax of each trained position (and the hidden state and target).
-    logits_saved = positions * (arch.vocab * 4 + arch.hidden * a + 8)
-    chunk = min(positions, CHUNK_TOKENS)
-    logits_backward = LOGIT_BACKWARD_BUFFERS * chunk * arch.vocab * 4
-    head = ids + final + logits_saved + logits_backward
+    logits = _loss_head_bytes(arch, positions, a)
+    head = ids + final + logits
     # A layer's backward holds, besides its saved tensors, the gradient coming down the residual stream and
     # one MLP-wide gradient at a time: each node's saved tensors are freed as its backward runs, so the
     # gate/up gradients replace the tensors they were computed from (measured on CPU, plan_accuracy.py).
@@ -201,7 +195,6 @@ def estimate(
     without = max(saved_layers + head, saved_layers + ids + layer_backward)
     by_ckpt = {"on": with_ckpt, "off": without}
     activations = with_ckpt if checkpointing else without
-    logits = logits_saved + logits_backward
     components["activations"] = activations - logits
     components["logits"] = logits
     # bitsandbytes dequantizes one weight matrix at a time to multiply with it.
@@ -246,6 +239,18 @@ def estimate(
         assumptions=assumptions,
         limit=limit,
     )
+
+
+def _loss_head_bytes(arch: Architecture, positions: int, a: int) -> int:
+    """The loss head at its peak, in its forward (qalign/logprobs.py): the trained positions' hidden states
+    and their unit gradients ([N, H] each, in the compute dtype), fp32 log-probs and int64 targets, and one
+    chunk's logits: two fp32 buffers at once (the logits and their log-softmax, which turns into their
+    gradient in place), three with softcapping (the tanh kept for its derivative); below fp32 the head's output
+    before its cast and the gradient's cast back are smaller than the second buffer they sit beside."""
+    per_position = 2 * arch.hidden * a + 4 + 8
+    chunk = min(positions, chunk_tokens(arch.vocab))
+    per_logit = 8 + (4 if arch.logit_softcap else 0)
+    return positions * per_position + chunk * arch.vocab * per_logit
 
 
 # Which decoder linears read the same tensor: every adapter on one of them can share it (without dropout).

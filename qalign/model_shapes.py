@@ -45,6 +45,8 @@ class Architecture:
     attention: str = "sdpa"
     """The attention transformers picks when the recipe names none (eager for models without sdpa: Gemma 2)."""
     source: str = ""
+    logit_softcap: bool = False
+    """Gemma 2/3's tanh on the logits: one more logits-sized buffer in the loss head."""
 
 
 def reads_disk_only(spec: ModelSpec) -> bool:
@@ -152,6 +154,7 @@ def describe(config: object, spec: ModelSpec, source: str = "") -> Architecture:
         sliding_window=getattr(config, "sliding_window", None),
         attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
         source=source,
+        logit_softcap=bool(getattr(config, "final_logit_softcapping", None)),
     )
 
 

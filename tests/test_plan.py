@@ -222,3 +222,21 @@ def test_offline_plan_of_a_table_id_never_asks_the_network(tmp_path):
     assert "built-in table entry for Qwen/Qwen2.5-0.5B-Instruct" in assumptions
     assert "tokenizer of Qwen/Qwen2.5-0.5B-Instruct is not on disk" in assumptions
     assert result["sequence_length"] == 2048  # the recipe's max_length, as the note says
+
+
+def test_the_loss_head_is_one_chunk_of_logits_whatever_the_vocabulary():
+    # Llama 3.1 8B from the built-in table, SFT at batch 1 x 2048: 2047 trained positions, each with a bf16
+    # hidden state and its unit gradient (2 x 4096 x 2 bytes), an fp32 log-prob and an int64 target; and one
+    # chunk of 128 tokens x 128,256 logits, two fp32 buffers of them at once.
+    root = Path(__file__).resolve().parents[1]
+    overrides = ["sft.batch_size=1", "sft.max_length=2048"]
+    recipe = load_recipe(root / "recipes" / "llama-3.1-8b-instruct-24gb.yaml", overrides)
+    config, source = model_shapes.load_config(recipe.model)
+    arch = model_shapes.describe(config, recipe.model, source)
+    plan = memory.estimate(arch, recipe, "sft", memory.Lengths(), "cuda", 24 * memory.GiB)
+    assert plan.components["logits"] == 2047 * (2 * 4096 * 2 + 4 + 8) + 128 * 128_256 * 8
+    assert plan.components["logits"] < 0.3 * memory.GiB
+    # A vocabulary twice as big gets chunks half as long: the logits part stays the same size.
+    arch.vocab = 256_512
+    bigger = memory.estimate(arch, recipe, "sft", memory.Lengths(), "cuda", 24 * memory.GiB)
+    assert bigger.components["logits"] == 2047 * (2 * 4096 * 2 + 4 + 8) + 64 * 256_512 * 8
