@@ -3,7 +3,8 @@
 Each backend gets exactly the records metrics.jsonl gets, at the same steps and under the same names. A resumed
 run continues the same logs: the Trainer logs only the steps after the checkpoint it resumed from, TensorBoard
 hides what an interrupted attempt wrote after it (purge_step), and W&B/trackio continue the run whose id the
-first attempt left in trackers.json.
+first attempt left in trackers.json and skip the steps that run already holds (they cannot drop them; a resume
+trains those steps again to the same values on a CPU).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Tracker:
 
     def __init__(self, paths: StagePaths) -> None:
         self.paths = paths
+        self.held = 0
+        """Steps below this one are already in the backend's run (from an interrupted attempt): not logged again."""
 
     def open(self, run_name: str, config: dict, resume_step: int) -> None:
         raise NotImplementedError
@@ -105,6 +108,8 @@ class WandB(Tracker):
             raise UserError(
                 f"wandb could not start: {exc} (WANDB_MODE=offline logs without an account)"
             ) from None
+        # run.step: the step of the next log; on a resumed online run, one past the last step W&B holds.
+        self.held = self.run.step if resume_step else 0
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -122,7 +127,9 @@ class Trackio(Tracker):
         # TRACKIO_SPACE_ID... are trackio's own and left to it.
         name = self.run_id("trackio", f"{run_name}-{uuid.uuid4().hex[:6]}", resume_step)
         project = os.environ.get("TRACKIO_PROJECT", "qalign")
-        trackio.init(project=project, name=name, config=config, resume="allow")
+        run = trackio.init(project=project, name=name, config=config, resume="allow")
+        # trackio has no public "last step"; its Run keeps the next one (0 when it cannot tell: nothing skipped).
+        self.held = int(getattr(run, "_next_step", 0) or 0) if resume_step else 0
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.trackio.log(values, step=step)
@@ -155,6 +162,8 @@ class Trackers:
     def log(self, record: dict, step: int) -> None:
         values = scalars(record)
         for name, backend in list(self.backends.items()):
+            if step < backend.held:
+                continue
             try:
                 backend.log(values, step)
             except Exception as exc:

@@ -174,6 +174,9 @@ class FakeTracker:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        # The next step the backend expects: past what an earlier attempt logged (wandb's public run.step,
+        # trackio's Run._next_step).
+        self.step = self._next_step = 0
 
     def init(self, **kwargs):
         self.calls.append(("init", kwargs))
@@ -205,13 +208,19 @@ def test_wandb_and_trackio_get_the_run_name_config_and_steps_and_keep_their_id_o
     assert fake.calls[2] == ("finish",)
     first_id = init.get("id", init["name"])
 
+    # The first attempt logged up to step 3 and was killed; the checkpoint it resumes from is step 2. The run
+    # keeps its id, and step 3, which the backend already holds, is not sent twice.
+    fake.step = fake._next_step = 4
     resumed = Trackers([name], paths, "tiny-dpo", {})
     resumed.open(2)
+    for step in (3, 4):
+        resumed.log({"step": step, "loss": 0.1}, step)
     again = fake.calls[3][1]
     assert again.get("id", again["name"]) == first_id
+    assert fake.calls[4:] == [("log", {"loss": 0.1}, 4)]
     fresh = Trackers([name], paths, "tiny-dpo", {})
     fresh.open(0)  # starting over is a new run
-    assert fake.calls[4][1].get("id", fake.calls[4][1]["name"]) != first_id
+    assert fake.calls[5][1].get("id", fake.calls[5][1]["name"]) != first_id
 
 
 def wandb_records(path: Path):
@@ -263,3 +272,41 @@ def test_wandb_offline_run_logs_every_record(tmp_path, tiny_model):
     assert history.keys() == expected.keys() == {1, 2, 3}
     for step, values in expected.items():
         assert history[step] == pytest.approx(values), step
+
+
+TRACKIO_RESUME = """
+import sys
+from pathlib import Path
+
+from qalign.layout import StagePaths
+from qalign.trackers import Trackers
+
+paths = StagePaths(Path(sys.argv[1]))
+first = Trackers(["trackio"], paths, "tiny-sft", {"name": "tiny"})
+first.open(0)
+for step in (1, 2, 3):  # killed after logging step 3; its last checkpoint was step 2
+    first.log({"step": step, "loss": 1.0 / step}, step)
+first.close()
+resumed = Trackers(["trackio"], paths, "tiny-sft", {"name": "tiny"})
+resumed.open(2)
+for step in (3, 4, 5):
+    resumed.log({"step": step, "loss": 1.0 / step}, step)
+resumed.close()
+
+from trackio.sqlite_storage import SQLiteStorage
+
+(run,) = SQLiteStorage.get_runs("qalign")
+print(run, [(log["step"], log["loss"]) for log in SQLiteStorage.get_logs("qalign", run) if "loss" in log])
+"""
+
+
+def test_trackio_resume_continues_the_run_without_duplicated_steps(tmp_path):
+    pytest.importorskip("trackio")
+    env = {**ENV, "TRACKIO_DIR": str(tmp_path / "trackio")}
+    env.pop("TRACKIO_PROJECT", None)
+    result = subprocess.run([sys.executable, "-c", TRACKIO_RESUME, str(tmp_path / "sft")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run, logged = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert run.startswith("tiny-sft-")
+    assert logged == str([(step, 1.0 / step) for step in range(1, 6)])
