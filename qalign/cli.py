@@ -574,12 +574,13 @@ def report_command(
             "--out", metavar="FILE.png", help="Where to draw the curves; default <output_dir>/report.png."
         ),
     ] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Draw a run's loss, eval loss, learning rate (and DPO reward margin and accuracy) into a PNG; summarize."""
     from qalign.report import report
 
     with _user_errors("nothing was written"):
-        report(target, out, console)
+        report(target, out, console, set_)
 
 
 def main() -> None:

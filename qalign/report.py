@@ -43,14 +43,14 @@ class StageRun:
         return [panel for panel in PANELS if self.series(panel[1])[0]]
 
 
-def run_folder(target: Path) -> Path:
-    """The run folder of TARGET: a recipe (its output_dir) or the folder itself."""
+def run_folder(target: Path, overrides: list[str] | None = None) -> Path:
+    """The run folder of TARGET: a recipe (its output_dir, after --set overrides) or the folder itself."""
     if target.is_dir():
         return target
     if target.is_file():
         from qalign.recipe import load_recipe
 
-        return load_recipe(target).out
+        return load_recipe(target, overrides).out
     raise UserError(f"{target}: no such recipe or run folder")
 
 
@@ -135,10 +135,10 @@ def summary(stage: StageRun) -> str:
     return f"[bold]{stage.name}[/bold]: {escape(', '.join(parts))}\n  {escape('; '.join(reached))}"
 
 
-def report(target: Path, out: Path | None, console: Console) -> Path:
+def report(target: Path, out: Path | None, console: Console, overrides: list[str] | None = None) -> Path:
     """Draw TARGET's curves into `out` (default <output_dir>/report.png) and print the summary."""
     require_matplotlib()
-    folder = run_folder(target)
+    folder = run_folder(target, overrides)
     stages = load_stages(folder)
     out = out or RunLayout(folder).report
     if out.is_dir():

@@ -96,6 +96,9 @@ def test_report_draws_a_png_and_summarizes_each_stage(sft_dpo_run):
     again = qalign("report", str(folder / "runs" / "tiny"), "--out", str(other), cwd=folder)
     assert again.returncode == 0, again.stderr
     assert other.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --set applies to the recipe as everywhere else: another output_dir holds no run.
+    moved = qalign("report", str(recipe), "--set", "output_dir=runs/none", cwd=folder)
+    assert moved.returncode == 2 and "runs/none: holds no run" in moved.stderr
 
 
 def test_report_refuses_a_folder_without_a_run(tmp_path):
