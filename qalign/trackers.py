@@ -19,7 +19,7 @@ from qalign.atomic import atomic_write_text
 from qalign.errors import UserError
 from qalign.layout import StagePaths
 
-# report_to name -> (module it imports, pip extra that installs it)
+# report_to name -> the module it needs; the pip extra that installs it has the report_to name.
 EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
