@@ -28,10 +28,12 @@ lint: install
 docs: install
 	$(BIN)/python -m qalign.recipe_docs --write-readme
 
-# The offline quickstart: SFT, DPO and merge on the bundled model, then the before/after table.
+# The offline quickstart: SFT, DPO and merge on the bundled model, then the before/after table and the curves
+# (qalign report says where it wrote them: runs/demo/report.png).
 demo: install
 	$(BIN)/qalign run recipes/demo.yaml
 	$(BIN)/python scripts/demo_report.py recipes/demo.yaml
+	$(BIN)/qalign report recipes/demo.yaml
 
 # Regenerate the demo's data and pretrain its base model (deterministic; minutes on a CPU).
 demo-assets: install

@@ -533,6 +533,27 @@ def chat_command(
         )
 
 
+@app.command("report")
+def report_command(
+    target: Annotated[
+        Path,
+        typer.Argument(metavar="TARGET", help="A recipe (.yaml) or a run folder.", show_default=False),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", metavar="FILE.png", help="Where to draw the curves; default <output_dir>/report.png."
+        ),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Draw a run's loss, eval loss, learning rate (and DPO reward margin and accuracy) into a PNG; summarize."""
+    from qalign.report import report
+
+    with _user_errors("nothing was written"):
+        report(target, out, console, set_)
+
+
 def main() -> None:
     try:
         app()

@@ -4,8 +4,10 @@
       .qalign-run              marks a folder qalign created (nothing else is ever written into a foreign one)
       .qalign-lock             while a process writes this run: held (flock), names it for the refusal
       sft/ dpo/                one folder a stage: adapter/, checkpoints/, metrics.jsonl, recipe.yaml,
-                               and dpo/reference/ for the cached reference log-probs
+                               and dpo/reference/ for the cached reference log-probs; with report_to,
+                               tensorboard/ (event files), wandb/ (W&B's local files) and trackers.json
       merged/                  qalign merge's default output
+      report.png               qalign report's default output
 
 No other module spells these names.
 """
@@ -55,6 +57,20 @@ class StagePaths:
     def reference(self) -> Path:
         return self.root / "reference"
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """W&B's `dir`: it writes its local files into a `wandb/` folder inside."""
+        return self.root
+
+    @property
+    def trackers(self) -> Path:
+        """The tracker run ids of this attempt, so a resume continues the same W&B/trackio run."""
+        return self.root / "trackers.json"
+
     def has_adapter(self) -> bool:
         return is_adapter(self.adapter)
 
@@ -69,6 +85,10 @@ class RunLayout:
     @property
     def merged(self) -> Path:
         return self.out / "merged"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.png"
 
 
 def is_adapter(folder: Path) -> bool:

@@ -9,6 +9,19 @@ from pathlib import Path
 from qalign.atomic import atomic_write_text
 
 
+def read_records(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl (the final one included), skipping a line torn by a crash mid-write."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path

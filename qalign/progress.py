@@ -22,6 +22,12 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 
+def format_duration(seconds: float) -> str:
+    """h:mm:ss, as the bar shows it."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 def format_metrics(values: dict) -> str:
     parts = []
     for key, value in values.items():
@@ -56,7 +62,7 @@ class Progress:
         """A live bar on a terminal; piped, a plain line every `every` units (default: each tenth of the total)
         and at least once a minute."""
         if not self.console.is_terminal:
-            yield _PlainBar(self, name, total, unit, every)
+            yield _PlainBar(self, name, total, start, unit, every)
             return
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -88,8 +94,10 @@ class _RichBar(_Bar):
 class _PlainBar(_Bar):
     EVERY_S = 60.0
 
-    def __init__(self, progress: Progress, name: str, total: int, unit: str, every: int | None) -> None:
-        self.progress, self.name, self.total, self.unit = progress, name, total, unit
+    def __init__(
+        self, progress: Progress, name: str, total: int, start: int, unit: str, every: int | None
+    ) -> None:
+        self.progress, self.name, self.total, self.start, self.unit = progress, name, total, start, unit
         self.every = every or max(1, total // 10)
         self.started = self.last = time.monotonic()
 
@@ -98,7 +106,9 @@ class _PlainBar(_Bar):
         if step % self.every and step != self.total and now - self.last < self.EVERY_S:
             return
         self.last = now
-        seconds = int(now - self.started)
-        elapsed = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        line = f"{self.name} {self.unit} {step}/{self.total} ({elapsed})"
+        seconds = now - self.started
+        # The ETA from this process's own pace: a resumed run's earlier steps took no time here.
+        done = step - self.start
+        eta = format_duration(seconds / done * (self.total - step)) if done > 0 else "?"
+        line = f"{self.name} {self.unit} {step}/{self.total} ({format_duration(seconds)}, eta {eta})"
         self.progress.info("  ".join(part for part in (line, format_metrics(metrics)) if part))

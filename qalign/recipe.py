@@ -289,6 +289,12 @@ class Recipe(_Section):
     seed: int = Field(
         0, description="Seeds the adapter's initial weights, dropout and the order of the training data."
     )
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        [],
+        description="Where else training metrics go, beside metrics.jsonl (the same names at the same steps): "
+        "tensorboard (event files in `<output_dir>/<stage>/tensorboard/`), wandb, trackio. Each needs its "
+        'extra, e.g. `pip install "qalign[tensorboard]"`; checked before training starts.',
+    )
     model: ModelSpec = Field(description="The base model.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="The adapter; every key has a default.")
     sft: SftSpec | None = Field(None, description="Supervised fine-tuning; absent: no SFT stage.")
@@ -296,6 +302,12 @@ class Recipe(_Section):
     merge: MergeSpec | None = Field(
         None, description="When present, `qalign run` ends by merging the last stage's adapter."
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        # Listing a tracker twice would log every scalar twice to it.
+        return list(dict.fromkeys(value))
 
     # Not recipe keys: where the recipe came from, so that relative paths and messages can name it.
     _source: Path = Path("recipe.yaml")

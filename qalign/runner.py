@@ -29,9 +29,10 @@ from qalign.model import (
     load_tokenizer,
     pick_device,
 )
-from qalign.progress import Progress
+from qalign.progress import Progress, format_duration
 from qalign.recipe import Recipe, TrainSpec
 from qalign.stage_data import StageData, load_stage_data
+from qalign.trackers import Trackers, check_available
 from qalign.train import Stage, Trainer
 
 
@@ -64,6 +65,7 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
     """`qalign sft` / `qalign dpo`: returns the finished adapter folder."""
     if getattr(recipe, name) is None:
         raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
+    check_available(recipe.report_to)
     check_output_dir(recipe)
     tokenizer = load_tokenizer(recipe.model, progress.warn)
     # Every row is checked before anything is written: a bad row leaves the disk as it was.
@@ -97,7 +99,9 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
         else:
             from qalign.dpo import make_stage
         stage: Stage = make_stage(context)
-        trainer = Trainer(stage, model, paths, recipe.seed, device, dtype, progress, fingerprint)
+        config = recipe.model_dump(mode="json")
+        trackers = Trackers(recipe.report_to, paths, f"{recipe.name}-{name}", config, progress.warn)
+        trainer = Trainer(stage, model, paths, recipe.seed, device, dtype, progress, fingerprint, trackers)
         final = trainer.fit(resume_from, recipe.to_yaml())
         spec = getattr(recipe, name)
         metadata = {
@@ -125,6 +129,9 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
                 "plan_total_bytes": plan_total,
                 "peak_memory_bytes": peak,
                 "peak_memory_kind": kind,
+                # What the steps' records cannot add up to (log_every averages them): the stage's totals.
+                "tokens": trainer.tokens_seen,
+                "train_seconds": round(trainer.seconds, 3),
             }
         )
         what = (
@@ -133,7 +140,11 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
             else "peak RSS of the whole process (Python and libraries included; the plan counts tensors)"
         )
         versus = f" (plan: {plan_total / 2**30:.2f} GiB)" if plan_total else ""
-        progress.info(f"measured peak: {peak / 2**30:.2f} GiB, {what}{versus}")
+        rate = trainer.tokens_seen / max(trainer.seconds, 1e-9)
+        progress.info(
+            f"{name} done: {trainer.total} steps in {format_duration(trainer.seconds)}, {rate:,.0f} tok/s; "
+            f"measured peak: {peak / 2**30:.2f} GiB, {what}{versus}"
+        )
         progress.info(f"adapter saved to {paths.adapter}")
         return paths.adapter
 
@@ -201,7 +212,7 @@ def _decide(
     if latest is None:
         # Starting over: the earlier attempt's checkpoints and metrics go (never a finished adapter: it is
         # replaced only when the new one is complete).
-        for path in (paths.checkpoints, paths.metrics):
+        for path in (paths.checkpoints, paths.metrics, paths.tensorboard, paths.trackers):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():

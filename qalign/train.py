@@ -20,6 +20,7 @@ from qalign.layout import StagePaths
 from qalign.metrics import MetricsLog, mean_record
 from qalign.progress import Progress
 from qalign.recipe import TrainSpec
+from qalign.trackers import Trackers
 
 StepLoss = Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict]]
 
@@ -74,8 +75,10 @@ class Trainer:
         dtype: torch.dtype,
         progress: Progress,
         fingerprint: dict,
+        trackers: Trackers | None = None,
     ) -> None:
-        """`fingerprint` ({identity, data_hash}) goes into every checkpoint, for resume to compare against."""
+        """`fingerprint` ({identity, data_hash}) goes into every checkpoint, for resume to compare against;
+        `trackers` (report_to) get every record metrics.jsonl gets."""
         self.stage, self.spec, self.model = stage, stage.spec, model
         self.paths, self.seed, self.progress = paths, seed, progress
         self.device, self.dtype, self.fingerprint = device, dtype, fingerprint
@@ -90,7 +93,10 @@ class Trainer:
         )
         self.checkpoints = CheckpointManager(paths.checkpoints, self.spec.save_total_limit, progress.warn)
         self.metrics = MetricsLog(paths.metrics)
+        self.trackers = trackers or Trackers([], paths)
         self.step = 0
+        # The stage's totals, carried through checkpoints so a resumed run reports the whole stage.
+        self.tokens_seen, self.seconds = 0, 0.0
         self._signal: int | None = None
 
     def autocast(self) -> torch.autocast:
@@ -116,10 +122,12 @@ class Trainer:
                 resume_from, self.model, self.optimizer, self.scheduler, self.scaler
             )
             self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+            self.tokens_seen, self.seconds = int(state.get("tokens", 0)), float(state.get("seconds", 0.0))
             self.progress.info(f"resuming from {resume_from} (step {self.step} of {self.total})")
         self.paths.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.paths.recipe, recipe_yaml)
         self.metrics.keep_until(self.step)
+        self.trackers.open(self.step)
         self.model.train()
         window: list[dict] = []
         last: dict = {}
@@ -127,6 +135,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.progress.bar(self.stage.name, self.total, self.step, every=self.spec.log_every) as bar:
+                clock = time.perf_counter()
                 while self.step < self.total:
                     try:
                         record = self._train_step()
@@ -146,6 +155,7 @@ class Trainer:
                     if final or self.step % self.spec.log_every == 0 or "eval_loss" in record:
                         last = mean_record(window)
                         self.metrics.append(last)
+                        self.trackers.log(last, self.step)
                         window = []
                     shown.update(
                         {k: record[k] for k in (*self.stage.show, "lr", "tokens_per_s") if k in record}
@@ -153,6 +163,8 @@ class Trainer:
                     if "eval_loss" in record:
                         shown["eval_loss"] = record["eval_loss"]
                     bar.update(self.step, shown)
+                    now = time.perf_counter()
+                    self.seconds, clock = self.seconds + now - clock, now
                     saving = final or (self.spec.save_every and self.step % self.spec.save_every == 0)
                     if saving or self._signal is not None:
                         self.save_checkpoint()
@@ -163,6 +175,7 @@ class Trainer:
                             128 + self._signal,
                         )
         finally:
+            self.trackers.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return last
@@ -204,6 +217,7 @@ class Trainer:
             # scale; the schedule waits for the step that really happens.
             record["scaler_skipped"] = True
         elapsed = time.perf_counter() - started
+        self.tokens_seen += tokens
         record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
         record["epoch"] = round((self.step + 1) / self.per_epoch, 4)
         record["grad_norm"] = grad_norm
@@ -258,6 +272,8 @@ class Trainer:
             "step_in_epoch": within,
             **self.fingerprint,
             "skipped_steps": self.skipped,
+            "tokens": self.tokens_seen,
+            "seconds": self.seconds,
         }
         return save_training_state(
             self.checkpoints, self.step, self.model, self.optimizer, self.scheduler, self.scaler, state

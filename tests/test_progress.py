@@ -23,7 +23,7 @@ def test_piped_bar_prints_a_plain_line_every_tenth_and_at_the_end():
     lines = out.getvalue().splitlines()
     assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
     assert [line.split(" (")[0] for line in lines] == [f"merge layer {n}/25" for n in (*range(2, 25, 2), 25)]
-    assert all(line.endswith("(0:00:00)") for line in lines)
+    assert all(line.endswith("(0:00:00, eta 0:00:00)") for line in lines)
 
 
 def test_piped_bar_speaks_at_least_once_a_minute_between_tenths(monkeypatch):
@@ -35,4 +35,15 @@ def test_piped_bar_speaks_at_least_once_a_minute_between_tenths(monkeypatch):
         clock[0] += 61
         bar.update(2, {"loss": 2.25})
         bar.update(3, {"loss": 2.0})
-    assert out.getvalue().splitlines() == ["sft step 2/1000 (0:01:01)  loss 2.2500"]
+    # 30.5 s a step so far, 998 steps to go.
+    assert out.getvalue().splitlines() == ["sft step 2/1000 (0:01:01, eta 8:27:19)  loss 2.2500"]
+
+
+def test_piped_bar_eta_of_a_resumed_stage_counts_only_this_process_steps(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    progress, out = piped()
+    with progress.bar("sft", 1000, 500) as bar:
+        clock[0] += 100
+        bar.update(600, {})
+    assert out.getvalue().splitlines() == ["sft step 600/1000 (0:01:40, eta 0:06:40)"]
