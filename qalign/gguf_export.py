@@ -1,0 +1,274 @@
+"""`qalign export`: a transformers model folder written as one GGUF file that llama.cpp, Ollama and LM Studio
+load, with an Ollama Modelfile beside it.
+
+Tensors are read one at a time from the safetensors files and written as they are converted, so memory stays
+near the size of the largest tensor. The file is built under a temporary name in the destination folder and
+renamed into place once fsynced, so an interrupted export never leaves a truncated .gguf behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qalign.atomic import atomic_write_text, fsync_dir, tmp_name
+from qalign.errors import UserError
+from qalign.gguf_quant import QUANTS, nbytes, quantize, tensor_type
+from qalign.gguf_vocab import Vocab, read_vocab, write_vocab
+from qalign.progress import Progress
+
+
+@dataclass(frozen=True)
+class _Arch:
+    gguf_name: str
+    # llama.cpp's `llama` graph applies RoPE to interleaved pairs, transformers' Llama to the two halves of each
+    # head; permuting the rows of Q and K maps one layout onto the other. Qwen's graphs use the halves layout.
+    permute_qk: bool
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": _Arch("llama", True),
+    "MistralForCausalLM": _Arch("llama", True),
+    "Qwen2ForCausalLM": _Arch("qwen2", False),
+    "Qwen3ForCausalLM": _Arch("qwen3", False),
+}
+
+
+def _supported() -> str:
+    return ", ".join(ARCHITECTURES)
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        mapping = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: model_dir / file for name, file in mapping.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{model_dir} has no safetensors weights (model.safetensors or its index)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "np") as handle:
+        return dict.fromkeys(handle.keys(), single)
+
+
+def _read(path: Path, name: str) -> np.ndarray:
+    # Through torch so bf16 checkpoints read too (numpy has no bfloat16).
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(name).float().numpy()
+
+
+def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def _rope_scaling(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    # transformers 5 keeps theta and scaling together in rope_parameters; older configs split them.
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return theta, {**params, "rope_type": kind}
+
+
+def _llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's RoPE: llama.cpp takes them as a `rope_freqs` tensor."""
+    factor = float(rope["factor"])
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    factors = np.where(
+        wavelen < original / high,
+        1.0,
+        np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
+    )
+    return factors.astype(np.float32)
+
+
+def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str, name: str) -> None:
+    import gguf
+
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    writer.add_name(name)
+    writer.add_file_type(QUANTS[quant][1])
+    if quant not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    theta, rope = _rope_scaling(config)
+    writer.add_rope_freq_base(theta)
+    kind = rope["rope_type"]
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(
+            gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN
+        )
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if "original_max_position_embeddings" in rope:
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind not in ("default", "llama3"):
+        raise UserError(
+            f"RoPE scaling {kind!r} is not supported by GGUF export (default, linear, yarn, llama3)"
+        )
+
+
+def _tensors(model_dir: Path, config: dict[str, Any], arch: _Arch) -> list[tuple[str, tuple[int, ...], Any]]:
+    """(GGUF name, shape, loader) for every tensor of the file, in file order; nothing is read yet."""
+    import gguf
+
+    files = _weight_files(model_dir)
+    n_layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    names = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_name), n_layers
+    )
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in set(files.values()):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+
+    tied = config.get("tie_word_embeddings", False)
+    out: list[tuple[str, tuple[int, ...], Any]] = []
+    theta, rope = _rope_scaling(config)
+    if rope["rope_type"] == "llama3":
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        factors = _llama3_rope_factors(rope, theta, head_dim)
+        out.append(("rope_freqs.weight", factors.shape, lambda f=factors: f))
+    for hf_name, path in files.items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(
+                f"{model_dir}: no GGUF name for tensor {hf_name}; is this a {arch.gguf_name} model?"
+            )
+        heads_for = (
+            {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name.split(".")[-2]) if arch.permute_qk else None
+        )
+
+        def load(p: Path = path, n: str = hf_name, h: int | None = heads_for) -> np.ndarray:
+            value = _read(p, n)
+            return _permute(value, h) if h is not None else value
+
+        out.append((gguf_name, shapes[hf_name], load))
+    return out
+
+
+def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} is not a transformers model folder (no config.json)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    found = (config.get("architectures") or ["?"])[0]
+    if found not in ARCHITECTURES:
+        raise UserError(f"{model_dir}: GGUF export of {found} is not supported; it can export {_supported()}")
+    return config, ARCHITECTURES[found]
+
+
+def export_gguf(model_dir: Path, out: Path, quant: str, progress: Progress, overwrite: bool = False) -> Vocab:
+    """Write ``model_dir`` as the GGUF file ``out`` in ``quant`` and the Modelfile beside it."""
+    import gguf
+
+    if quant not in QUANTS:
+        raise UserError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    config, arch = read_config(model_dir)
+    vocab = read_vocab(model_dir, config["vocab_size"])
+    tensors = _tensors(model_dir, config, arch)
+    has_output = any(name == "output.weight" for name, _, _ in tensors)
+    types = [
+        tensor_type(name, shape, quant, config["num_hidden_layers"], has_output) for name, shape, _ in tensors
+    ]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / tmp_name(out.name)
+    writer = gguf.GGUFWriter(tmp, arch.gguf_name)
+    try:
+        _write_metadata(writer, config, arch, quant, out.stem)
+        write_vocab(writer, vocab)
+        for (name, shape, _), qtype in zip(tensors, types, strict=True):
+            # GGUF stores shapes innermost-first; the writer reverses numpy order itself.
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with progress.bar("gguf", total=len(tensors), start=0, unit="tensor") as bar:
+            for i, ((name, _, load), qtype) in enumerate(zip(tensors, types, strict=True), 1):
+                writer.write_tensor_data(quantize(load(), qtype))
+                bar.update(i, {"tensor": name, "type": qtype.name})
+        writer.close()
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    write_modelfile(out, vocab)
+    return vocab
+
+
+# Ollama does not run Jinja chat templates; it needs the turn format as a Go template. These cover the
+# formats qalign's shipped recipes train with; for others Ollama falls back to the GGUF's own template.
+_CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+_LLAMA3 = (
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+    "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def modelfile_text(gguf_name: str, vocab: Vocab) -> str:
+    lines = [f"FROM ./{gguf_name}"]
+    template = vocab.chat_template or ""
+    if "<|im_start|>" in template:
+        lines.append(f'TEMPLATE """{_CHATML}"""')
+    elif "<|start_header_id|>" in template:
+        lines.append(f'TEMPLATE """{_LLAMA3}"""')
+    for stop in vocab.stop_words:
+        lines.append(f"PARAMETER stop {json.dumps(stop)}")
+    return "\n".join(lines) + "\n"
+
+
+def modelfile_path(out: Path) -> Path:
+    # One per GGUF file, so a q8_0 and a q4_k_m export can share a folder.
+    return out.with_name(f"{out.stem}.Modelfile")
+
+
+def write_modelfile(out: Path, vocab: Vocab) -> Path:
+    path = modelfile_path(out)
+    atomic_write_text(path, modelfile_text(out.name, vocab))
+    return path
+
+
+def how_to_run(out: Path) -> str:
+    return (
+        f"run it: ollama create {out.stem.lower()} -f {modelfile_path(out)} && ollama run {out.stem.lower()}"
+        f"   or: llama-cli -m {out} -cnv"
+    )
