@@ -360,6 +360,57 @@ def merge(
 
 
 @app.command()
+def export(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SOURCE",
+            help="A recipe (exports its merged model), a merged model folder or a transformers model folder.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE.gguf", help="The GGUF file to write.")],
+    quant: Annotated[
+        str,
+        typer.Option("--quant", metavar="f32|f16|bf16|q8_0|q4_k_m", help="Weight type of the GGUF file."),
+    ] = "q8_0",
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace FILE.gguf (and its Modelfile) if it exists.")
+    ] = False,
+) -> None:
+    """Write a GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it."""
+    from qalign.progress import Progress
+
+    with _user_errors("nothing was exported; an earlier file is untouched"):
+        model_dir = _export_source(source, set_)
+        _quiet_libraries()
+        from qalign.gguf_export import export_gguf, how_to_run, modelfile_path
+
+        export_gguf(model_dir, out, quant, Progress(console, err_console), overwrite)
+        console.print(f"wrote {out} ({quant}, from {model_dir}) and {modelfile_path(out)}")
+        console.print(how_to_run(out))
+
+
+def _export_source(source: Path, overrides: list[str] | None) -> Path:
+    """The model folder behind `qalign export SOURCE`: a recipe's merged model, or SOURCE itself."""
+    if source.is_dir():
+        return source
+    if not source.is_file():
+        raise UserError(f"{source}: no such recipe or model folder")
+    from qalign.recipe import load_recipe
+
+    loaded = load_recipe(source, overrides)
+    merged = Path(loaded.merge.out) if loaded.merge and loaded.merge.out else loaded.out / "merged"
+    if not (merged / "config.json").is_file():
+        raise UserError(
+            f"{loaded.source} has no merged model yet (looked in {merged}); run `qalign merge {source}` first, "
+            "then export again"
+        )
+    return merged
+
+
+@app.command()
 def validate(
     recipe: RecipeArg,
     set_: SetOpt = None,

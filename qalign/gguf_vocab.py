@@ -105,21 +105,24 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
 
     from qalign.chat_template import end_of_turn_id
 
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
         raise UserError(
-            f"{model_dir} has no tokenizer.json; GGUF export supports byte-level BPE tokenizers "
-            "(GPT-2, Llama 3, Qwen style) saved by the tokenizers library"
+            f"{model_dir}: a tokenizer without a tokenizers-library backend; GGUF export supports byte-level "
+            "BPE tokenizers (GPT-2, Llama 3, Qwen style)"
         )
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    # The tokenizer as loaded, not tokenizer.json as saved: transformers' class for the model type may replace
+    # the saved pre-tokenizer (Qwen2Tokenizer splits digits one by one whatever the file says).
+    spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
+        fallback = " with byte fallback" if model.get("byte_fallback") else ""
         raise UserError(
-            f"{path}: a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''} "
-            "(SentencePiece style); GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen style)"
+            f"{model_dir}: a {model.get('type')} tokenizer{fallback} (SentencePiece style); GGUF export "
+            "supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen style)"
         )
     pre = pre_tokenizer_name(spec)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types: dict[int, int] = dict.fromkeys(by_id, NORMAL)
@@ -127,7 +130,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
         by_id[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     if max(by_id) >= vocab_size:
-        raise UserError(f"{path}: token id {max(by_id)} is beyond the model's {vocab_size} embeddings")
+        raise UserError(f"{model_dir}: token id {max(by_id)} is beyond the model's {vocab_size} embeddings")
     tokens, token_types = [], []
     for i in range(vocab_size):
         # Embedding rows no token maps to (vocabularies padded to a multiple of 64 or 128) still need a name.
