@@ -284,6 +284,46 @@ def test_unknown_pre_tokenizer_refused():
 
 
 @pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory) -> Path:
+    """A tiny Qwen3 built as conftest builds its models (conftest's list is shared with the training tests,
+    which check it, so it is not extended from here)."""
+    import transformers
+    from conftest import TOKENIZER
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3") / "qwen3"
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    config = transformers.Qwen3Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_qwen3_q_k_norms(qwen3_model, tmp_path):
+    reader = _export(qwen3_model, tmp_path / "q3.gguf", "q8_0")
+    tensors = _tensors(reader)
+    assert _fields(reader)["general.architecture"] == "qwen3"
+    assert tensors["blk.0.attn_q_norm.weight"].tensor_type == T.F32
+    hf = _hf_weights(qwen3_model)
+    np.testing.assert_array_equal(
+        _values(tensors["blk.1.attn_k_norm.weight"]), hf["model.layers.1.self_attn.k_norm.weight"]
+    )
+
+
+@pytest.fixture(scope="module")
 def recipe_free_demo(tmp_path_factory) -> Path:
     return Path(__file__).parent.parent / "recipes" / "demo-model"
 
@@ -308,13 +348,13 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> tuple[np.ndarray, list[int]
     return logits, tokens
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
-def test_llama_cpp_logits_match_transformers(tiny_model, tmp_path, arch, quant):
+def test_llama_cpp_logits_match_transformers(tiny_model, qwen3_model, tmp_path, arch, quant):
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = tiny_model(arch)
+    model_dir = qwen3_model if arch == "qwen3" else tiny_model(arch)
     path = tmp_path / f"{arch}-{quant}.gguf"
     export_gguf(model_dir, path, quant, Progress(), overwrite=True)
     ids = AutoTokenizer.from_pretrained(model_dir)(TEXT)["input_ids"]
@@ -343,3 +383,33 @@ def test_export_cli_copies_nothing_else(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in source.iterdir()) == before
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["x.Modelfile", "x.gguf"]
+
+
+def test_q4_k_m_matches_llama_cpps_own_quantizer(recipe_free_demo, tmp_path):
+    """The same type for every tensor as llama.cpp's quantizer picks from the f32 file, and a weight error
+    within a few percent of its own."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ours = _export(recipe_free_demo, tmp_path / "ours.gguf", "q4_k_m")
+    f32 = _export(recipe_free_demo, tmp_path / "f32.gguf", "f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    params.nthread = 2
+    theirs_path = tmp_path / "theirs.gguf"
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(tmp_path / "f32.gguf").encode(), str(theirs_path).encode(), ctypes.byref(params)
+        )
+        == 0
+    )
+    ours, theirs, exact = _tensors(ours), _tensors(gguf.GGUFReader(theirs_path)), _tensors(f32)
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
+    for name, tensor in exact.items():
+        x = _values(tensor)
+        if ours[name].tensor_type == T.F32:
+            np.testing.assert_array_equal(_values(ours[name]), x)
+            continue
+        ours_err = np.sqrt(((_values(ours[name]) - x) ** 2).mean())
+        theirs_err = np.sqrt(((_values(theirs[name]) - x) ** 2).mean())
+        assert ours_err <= theirs_err * 1.05, name
