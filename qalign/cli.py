@@ -221,6 +221,10 @@ def _train(
                 export = Path(loaded.merge.out or loaded.out / "merged")
                 own = (export / "merge_report.json").is_file()
                 _merge_recipe(loaded, progress, overwrite=overwrite or own)
+            elif name == "export":
+                from qalign.gguf_export import export_recipe
+
+                export_recipe(loaded, progress)
             else:
                 run_stage(loaded, name, progress, options)
 
@@ -282,8 +286,8 @@ def run(
     overwrite: Overwrite = False,
     force_resume: ForceResume = False,
 ) -> None:
-    """Every stage the recipe has, in order (sft, dpo, then merge), resuming whatever is already done."""
-    _train(recipe, set_, (*STAGES, "merge"), not no_resume, overwrite, force_resume)
+    """Every stage the recipe has, in order (sft, dpo, merge, then export), resuming whatever is already done."""
+    _train(recipe, set_, (*STAGES, "merge", "export"), not no_resume, overwrite, force_resume)
 
 
 @app.command()
@@ -398,16 +402,10 @@ def _export_source(source: Path, overrides: list[str] | None) -> Path:
         return source
     if not source.is_file():
         raise UserError(f"{source}: no such recipe or model folder")
+    from qalign.gguf_export import merged_folder
     from qalign.recipe import load_recipe
 
-    loaded = load_recipe(source, overrides)
-    merged = Path(loaded.merge.out) if loaded.merge and loaded.merge.out else loaded.out / "merged"
-    if not (merged / "config.json").is_file():
-        raise UserError(
-            f"{loaded.source} has no merged model yet (looked in {merged}); run `qalign merge {source}` first, "
-            "then export again"
-        )
-    return merged
+    return merged_folder(load_recipe(source, overrides))
 
 
 @app.command()

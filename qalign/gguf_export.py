@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from qalign.errors import UserError
 from qalign.gguf_quant import QUANTS, nbytes, quantize, tensor_type
 from qalign.gguf_vocab import Vocab, read_vocab, write_vocab
 from qalign.progress import Progress
+
+if TYPE_CHECKING:
+    from qalign.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -272,3 +276,37 @@ def how_to_run(out: Path) -> str:
         f"run it: ollama create {out.stem.lower()} -f {modelfile_path(out)} && ollama run {out.stem.lower()}"
         f"   or: llama-cli -m {out} -cnv"
     )
+
+
+def merged_folder(recipe: Recipe) -> Path:
+    """The recipe's merged model, or a UserError saying to merge first."""
+    merged = Path(recipe.merge.out) if recipe.merge and recipe.merge.out else recipe.out / "merged"
+    if not (merged / "config.json").is_file():
+        raise UserError(
+            f"{recipe.source} has no merged model yet (looked in {merged}); run `qalign merge {recipe.source}` "
+            "first, then export again"
+        )
+    return merged
+
+
+def export_recipe(recipe: Recipe, progress: Progress) -> list[Path]:
+    """`qalign run`'s last step: one GGUF file per `export.gguf` type. The run owns these files: one older
+    than the merged model is written again, one newer is left as it is."""
+    assert recipe.export is not None
+    merged = merged_folder(recipe)
+    folder = Path(recipe.export.out) if recipe.export.out else recipe.out / "gguf"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name)
+    report = merged / "merge_report.json"
+    made = report if report.is_file() else merged / "config.json"
+    written = []
+    for quant in recipe.export.gguf:
+        out = folder / f"{stem}-{quant}.gguf"
+        if out.is_file() and out.stat().st_mtime >= made.stat().st_mtime:
+            progress.info(f"{out}: already exported from this merge")
+        else:
+            export_gguf(merged, out, quant, progress, overwrite=True)
+            progress.info(f"wrote {out} and {modelfile_path(out)}")
+        written.append(out)
+    if written:
+        progress.info(how_to_run(written[-1]))
+    return written

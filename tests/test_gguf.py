@@ -256,6 +256,39 @@ def test_recipe_without_merged_model_says_merge_first(tiny_model, tmp_path):
     assert "qalign merge" in result.output and "no merged model" in result.output
 
 
+def test_recipe_export_section(tiny_model, tmp_path):
+    import os
+
+    import yaml
+    from conftest import write_recipe
+
+    from qalign.gguf_export import export_recipe
+    from qalign.recipe import load_recipe
+
+    path = write_recipe(tmp_path, tiny_model("llama"))
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "export": {"gguf": ["f16", "q8_0"]}}))
+    with pytest.raises(UserError, match="add a `merge:` section"):
+        load_recipe(path)
+    path.write_text(yaml.safe_dump({**raw, "merge": {}, "export": {"gguf": ["f16", "q8_0"]}}))
+    recipe = load_recipe(path)
+    with pytest.raises(UserError, match="no merged model yet"):
+        export_recipe(recipe, Progress())
+    # Stands in for `qalign merge`: a merged folder is a plain model folder.
+    shutil.copytree(tiny_model("llama"), recipe.out / "merged")
+    written = export_recipe(recipe, Progress())
+    gguf_dir = recipe.out / "gguf"
+    assert written == [gguf_dir / "tiny-f16.gguf", gguf_dir / "tiny-q8_0.gguf"]
+    assert (gguf_dir / "tiny-q8_0.Modelfile").is_file()
+    assert _fields(gguf.GGUFReader(written[1]))["general.file_type"] == 7
+    # A second run leaves files newer than the merge alone, and writes again one older than it.
+    before = written[0].stat().st_mtime_ns
+    os.utime(written[1], (0, 0))
+    export_recipe(recipe, Progress())
+    assert written[0].stat().st_mtime_ns == before
+    assert written[1].stat().st_mtime > 0
+
+
 def test_unknown_pre_tokenizer_refused():
     spec = {"normalizer": None, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
     with pytest.raises(UserError, match="matches none that llama"):
