@@ -446,3 +446,70 @@ def test_q4_k_m_matches_llama_cpps_own_quantizer(recipe_free_demo, tmp_path):
         ours_err = np.sqrt(((_values(ours[name]) - x) ** 2).mean())
         theirs_err = np.sqrt(((_values(theirs[name]) - x) ** 2).mean())
         assert ours_err <= theirs_err * 1.05, name
+
+
+@pytest.fixture(scope="module")
+def llama3_rope_model(tmp_path_factory) -> Path:
+    """Llama 3.1/3.2's RoPE (frequencies rescaled by wavelength), with a short original context so that every
+    branch of the rescaling applies to a 16-dim head."""
+    import transformers
+    from conftest import TOKENIZER
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("llama3rope") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    config = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_llama3_rope_factors_match_transformers(llama3_rope_model, tmp_path):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    reader = _export(llama3_rope_model, tmp_path / "r.gguf", "q8_0")
+    tensors = _tensors(reader)
+    assert "output.weight" not in tensors  # tied
+    factors = tensors["rope_freqs.weight"]
+    assert factors.tensor_type == T.F32
+    config = AutoConfig.from_pretrained(llama3_rope_model)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    np.testing.assert_allclose(_values(factors), (plain / scaled).numpy(), rtol=1e-5)
+    assert len(set(np.round(_values(factors), 3))) >= 3  # unscaled, smoothed and fully scaled frequencies
+
+
+def test_llama3_rope_through_llama_cpp(llama3_rope_model, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / "r.gguf"
+    export_gguf(llama3_rope_model, path, "f32", Progress())
+    ids = AutoTokenizer.from_pretrained(llama3_rope_model)(TEXT)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(llama3_rope_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got, _ = _llama_cpp_logits(path, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
