@@ -62,7 +62,7 @@ def quantize(data: np.ndarray, qtype: T) -> np.ndarray:
         out = np.concatenate(
             [
                 (_q4_k if qtype == T.Q4_K else _q6_k)(chunk)
-                for chunk in np.array_split(blocks, max(1, len(blocks) // 4096))
+                for chunk in np.array_split(blocks, max(1, len(blocks) // 1024))
             ]
         )
         return out.reshape(*data.shape[:-1], -1)
