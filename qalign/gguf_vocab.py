@@ -9,6 +9,7 @@ tokenizer.json actually does, and anything that matches none of the known ones i
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ KNOWN_PRE = "gpt-2 (GPT-2 byte-level), llama-bpe (Llama 3), qwen2 (Qwen2/2.5/3),
 
 @dataclass
 class Vocab:
-    pre: str
+    pre: str | None  # None: SentencePiece style, which llama.cpp does not pre-tokenize
     tokens: list[str]
     types: list[int]
     merges: list[str]
+    scores: list[float] | None = None
+    add_space_prefix: bool = False
     special: dict[str, int] = field(default_factory=dict)  # bos/eos/eot/padding/unknown -> id
     add_bos: bool = False
     chat_template: str | None = None
@@ -85,6 +88,31 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     return name
 
 
+def sentencepiece_space_prefix(spec: dict[str, Any]) -> bool | None:
+    """For a byte-fallback BPE tokenizer (SentencePiece converted: Llama 2, Mistral, Gemma), whether it puts
+    "▁" before the text, as llama.cpp's `llama` tokenizer can; None for a layout llama.cpp cannot reproduce."""
+    normalizer = spec.get("normalizer") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    steps = [step for step in steps if step]
+    spaces = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    if not pre:
+        if steps == [{"type": "Prepend", "prepend": "▁"}, spaces]:
+            return True
+        if steps == [spaces]:
+            return False
+        return None
+    # Splitting at each "▁" (Metaspace's default) keeps merges inside words; llama.cpp never splits.
+    if (
+        not steps
+        and pre.get("type") == "Metaspace"
+        and pre.get("replacement") == "▁"
+        and pre.get("split") is False
+    ):
+        return pre.get("prepend_scheme", "always") != "never"
+    return None
+
+
 def _merge_strings(merges: list[Any]) -> list[str]:
     # tokenizers writes merges either as "a b" strings or, in newer files, as [a, b] pairs.
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
@@ -116,19 +144,40 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     # the saved pre-tokenizer (Qwen2Tokenizer splits digits one by one whatever the file says).
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        fallback = " with byte fallback" if model.get("byte_fallback") else ""
+    if model.get("type") != "BPE":
         raise UserError(
-            f"{model_dir}: a {model.get('type')} tokenizer{fallback} (SentencePiece style); GGUF export "
-            "supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen style)"
+            f"{model_dir}: a {model.get('type')} tokenizer; GGUF export supports BPE tokenizers, byte-level "
+            "(GPT-2, Llama 3, Qwen style) or SentencePiece style with byte fallback (Llama 2, Mistral, Gemma)"
         )
-    pre = pre_tokenizer_name(spec)
+    sentencepiece = bool(model.get("byte_fallback"))
+    space_prefix = sentencepiece_space_prefix(spec) if sentencepiece else False
+    if space_prefix is None:
+        raise UserError(
+            f"{model_dir}: a byte-fallback BPE tokenizer whose normalizer/pre-tokenizer "
+            f"({json.dumps(spec.get('normalizer'))[:120]}, {json.dumps(spec.get('pre_tokenizer'))[:120]}) "
+            "llama.cpp's SentencePiece tokenizer cannot reproduce"
+        )
+    pre = None if sentencepiece else pre_tokenizer_name(spec)
 
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types: dict[int, int] = dict.fromkeys(by_id, NORMAL)
     for added in spec.get("added_tokens", []):
         by_id[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    merges = _merge_strings(model.get("merges", []))
+    scores: list[float] | None = None
+    if sentencepiece:
+        for token_id, text in by_id.items():
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                types[token_id] = BYTE
+        if tokenizer.unk_token_id is not None:
+            types[tokenizer.unk_token_id] = UNKNOWN
+        # llama.cpp merges the adjacent pair whose joined token scores highest; scoring each token by how early
+        # the first merge producing it comes makes that the order the BPE merges apply in.
+        rank: dict[str, int] = {}
+        for i, merge in enumerate(merges):
+            rank.setdefault(merge.replace(" ", ""), i)
+        scores = [-float(rank.get(by_id.get(i, ""), len(merges))) for i in range(vocab_size)]
     if max(by_id) >= vocab_size:
         raise UserError(f"{model_dir}: token id {max(by_id)} is beyond the model's {vocab_size} embeddings")
     tokens, token_types = [], []
@@ -152,7 +201,9 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
         pre=pre,
         tokens=tokens,
         types=token_types,
-        merges=_merge_strings(model.get("merges", [])),
+        merges=[] if sentencepiece else merges,
+        scores=scores,
+        add_space_prefix=space_prefix,
         special=special,
         add_bos=_adds_bos(tokenizer),
         chat_template=tokenizer.chat_template or None,
@@ -161,11 +212,19 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
 
 
 def write_vocab(writer: Any, vocab: Vocab) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
+    if vocab.pre is None:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
     adders = {
         "bos": writer.add_bos_token_id,
         "eos": writer.add_eos_token_id,

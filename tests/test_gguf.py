@@ -513,3 +513,104 @@ def test_llama3_rope_through_llama_cpp(llama3_rope_model, tmp_path):
         want = model(torch.tensor([ids])).logits[0].numpy()
     got, _ = _llama_cpp_logits(path, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
+
+
+SPM_TEXTS = [
+    "Hello world, ünïcode 🙂 2024",
+    "The quick brown fox  jumps\nover the lazy dog.",
+    " leading space",
+    "[INST] What is 3 + 4? [/INST] The answer is 7.</s>",
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """A tiny Llama with a tokenizer laid out as transformers converts SentencePiece ones (Llama 2, Mistral):
+    byte-fallback BPE, "▁" for spaces and before the text, merges being every split of a token into two."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    words = "the quick brown fox jumps over lazy dog what is answer hello world recipe merge export model"
+    corpus = [" ".join(words.split()[i:] + words.split()[:i]) for i in range(18)] * 4
+    trainer = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for token, _ in sorted(trainer.get_vocab().items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    pieces = sorted((i, t) for t, i in vocab.items() if not t.startswith("<"))
+    merges = [
+        (t[:k], t[k:]) for _, t in pieces for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab
+    ]
+    spm = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    from tokenizers.processors import TemplateProcessing
+
+    spm.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    spm.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    folder = tmp_path_factory.mktemp("spm") / "model"
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_sentencepiece_vocab_fields(sentencepiece_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qalign.gguf_vocab import BYTE, UNKNOWN
+
+    fields = _fields(_export(sentencepiece_model, tmp_path / "s.gguf", "f16"))
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"] is True
+    assert fields["tokenizer.ggml.add_bos_token"] is True  # the tokenizer adds <s>
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[0] == UNKNOWN and types[1] == CONTROL and types[3] == BYTE and types[258] == BYTE
+    assert fields["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    scores = fields["tokenizer.ggml.scores"]
+    # Longer pieces come from later merges, so they score lower than the pieces they are made of.
+    vocab = tokenizer.get_vocab()
+    joined = next(
+        t for t in vocab if len(t) > 3 and not t.startswith("<") and t[:2] in vocab and t[2:] in vocab
+    )
+    assert scores[vocab[joined]] < max(scores[vocab[joined[:2]]], scores[vocab[joined[2:]]])
+
+
+def test_sentencepiece_through_llama_cpp(sentencepiece_model, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / "s.gguf"
+    export_gguf(sentencepiece_model, path, "f32", Progress())
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, verbose=False, n_threads=2)
+    for text in SPM_TEXTS:
+        # add_bos=True as the file says; byte fallback for the emoji and accented letters.
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
+    llm.close()
+    ids = tokenizer(SPM_TEXTS[1])["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(sentencepiece_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got, _ = _llama_cpp_logits(path, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
