@@ -41,6 +41,8 @@ ARCHITECTURES = {
     "MistralForCausalLM": _Arch("llama", True),
     "Qwen2ForCausalLM": _Arch("qwen2", False),
     "Qwen3ForCausalLM": _Arch("qwen3", False),
+    # Q, K, V and gate/up stay fused, as llama.cpp's phi3 graph takes them.
+    "Phi3ForCausalLM": _Arch("phi3", False),
 }
 
 
@@ -106,6 +108,10 @@ def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str
 
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
+    if arch.gguf_name != "phi3":
+        # llama.cpp gives Phi-3's special tokens extra attributes when the model's *name* says phi3, and fails
+        # to load a vocabulary without them; a file merely named so must not trigger that.
+        name = re.sub(r"(?i)phi-?3", "phi_3", name)
     writer.add_name(name)
     writer.add_file_type(QUANTS[quant][1])
     if quant not in ("f32", "f16", "bf16"):
@@ -121,6 +127,8 @@ def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if arch.gguf_name == "phi3" and config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
     theta, rope = _rope_scaling(config)
     writer.add_rope_freq_base(theta)
     kind = rope["rope_type"]

@@ -372,7 +372,7 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> tuple[np.ndarray, list[int]
     llama_cpp = pytest.importorskip("llama_cpp")
     # F32 K/V cache (type 0): llama.cpp's default f16 cache would add its own rounding to the comparison.
     llm = llama_cpp.Llama(
-        str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0
+        str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0
     )
     tokens = llm.tokenize(TEXT.encode(), add_bos=False, special=True)
     llm.eval(ids)
@@ -614,3 +614,70 @@ def test_sentencepiece_through_llama_cpp(sentencepiece_model, tmp_path):
         want = model(torch.tensor([ids])).logits[0].numpy()
     got, _ = _llama_cpp_logits(path, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def phi3_model(sentencepiece_model, tmp_path_factory) -> Path:
+    """A tiny Phi-3 with a SentencePiece-style tokenizer carrying Phi-3's own special tokens (llama.cpp looks
+    them up by name when loading a phi3 model)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>"]})
+    config = transformers.Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    folder = tmp_path_factory.mktemp("phi3") / "model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_phi3_fused_tensors(phi3_model, tmp_path):
+    reader = _export(phi3_model, tmp_path / "phi3.gguf", "f32")
+    tensors = _tensors(reader)
+    assert _fields(reader)["general.architecture"] == "phi3"
+    hf = _hf_weights(phi3_model)
+    # Q, K and V in one matrix (64 + 32 + 32 rows), gate and up in another (2 x 128 rows), unpermuted.
+    np.testing.assert_array_equal(
+        _values(tensors["blk.0.attn_qkv.weight"]), hf["model.layers.0.self_attn.qkv_proj.weight"]
+    )
+    np.testing.assert_array_equal(
+        _values(tensors["blk.1.ffn_up.weight"]), hf["model.layers.1.mlp.gate_up_proj.weight"]
+    )
+    assert tensors["blk.1.ffn_up.weight"].shape.tolist() == [64, 256]
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_phi3_through_llama_cpp(phi3_model, tmp_path, quant):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / f"phi3-{quant}.gguf"
+    export_gguf(phi3_model, path, quant, Progress())
+    # All the texts: top-1 agreement over a dozen positions of a random model would hang on one near-tie.
+    ids = AutoTokenizer.from_pretrained(phi3_model)(" ".join(SPM_TEXTS * 2))["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(phi3_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got, _ = _llama_cpp_logits(path, ids)
+    if quant == "f32":
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
+    else:
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+def test_file_named_phi3_still_loads_as_llama(tiny_model, tmp_path):
+    fields = _fields(_export(tiny_model("llama"), tmp_path / "not-phi3.gguf", "f16"))
+    assert fields["general.name"] == "not-phi_3"
