@@ -34,6 +34,8 @@ class _Arch:
     # llama.cpp's `llama` graph applies RoPE to interleaved pairs, transformers' Llama to the two halves of each
     # head; permuting the rows of Q and K maps one layout onto the other. Qwen's graphs use the halves layout.
     permute_qk: bool
+    # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by the weight, so the 1 goes into the file.
+    norm_offset: float = 0.0
 
 
 ARCHITECTURES = {
@@ -43,6 +45,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": _Arch("qwen3", False),
     # Q, K, V and gate/up stay fused, as llama.cpp's phi3 graph takes them.
     "Phi3ForCausalLM": _Arch("phi3", False),
+    "Gemma2ForCausalLM": _Arch("gemma2", False, norm_offset=1.0),
 }
 
 
@@ -127,8 +130,20 @@ def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    if arch.gguf_name == "phi3" and config.get("sliding_window"):
+    if arch.gguf_name in ("phi3", "gemma2") and config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
+    if arch.gguf_name == "gemma2":
+        # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B), not by the config.
+        if config.get("query_pre_attn_scalar", head_dim) != head_dim:
+            raise UserError(
+                f"query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from head_dim {head_dim}; "
+                "llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), so the GGUF file would compute "
+                "something else"
+            )
+        if config.get("attn_logit_softcapping") is not None:
+            writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        if config.get("final_logit_softcapping") is not None:
+            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     theta, rope = _rope_scaling(config)
     writer.add_rope_freq_base(theta)
     kind = rope["rope_type"]
@@ -183,8 +198,12 @@ def _tensors(model_dir: Path, config: dict[str, Any], arch: _Arch) -> list[tuple
             {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name.split(".")[-2]) if arch.permute_qk else None
         )
 
-        def load(p: Path = path, n: str = hf_name, h: int | None = heads_for) -> np.ndarray:
-            value = _read(p, n)
+        offset = arch.norm_offset if gguf_name.endswith("norm.weight") else 0.0
+
+        def load(
+            p: Path = path, n: str = hf_name, h: int | None = heads_for, add: float = offset
+        ) -> np.ndarray:
+            value = _read(p, n) + add
             return _permute(value, h) if h is not None else value
 
         out.append((gguf_name, shapes[hf_name], load))

@@ -681,3 +681,88 @@ def test_phi3_through_llama_cpp(phi3_model, tmp_path, quant):
 def test_file_named_phi3_still_loads_as_llama(tiny_model, tmp_path):
     fields = _fields(_export(tiny_model("llama"), tmp_path / "not-phi3.gguf", "f16"))
     assert fields["general.name"] == "not-phi_3"
+
+
+@pytest.fixture(scope="module")
+def gemma2_model(sentencepiece_model, tmp_path_factory) -> Path:
+    """A tiny Gemma 2 whose queries are scaled as llama.cpp scales them (query_pre_attn_scalar = head_dim),
+    with random norm weights so that the (1 + weight) of Gemma's RMSNorm shows."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    config = transformers.Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("gemma2") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_gemma2_norms_and_softcaps(gemma2_model, tmp_path):
+    reader = _export(gemma2_model, tmp_path / "g.gguf", "f32")
+    fields, tensors = _fields(reader), _tensors(reader)
+    assert fields["general.architecture"] == "gemma2"
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(50.0)
+    assert fields["gemma2.final_logit_softcapping"] == pytest.approx(30.0)
+    assert fields["gemma2.attention.sliding_window"] == 4096
+    assert "output.weight" not in tensors
+    hf = _hf_weights(gemma2_model)
+    for name, hf_name in (
+        ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+        ("blk.0.post_attention_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+        ("blk.1.ffn_norm.weight", "model.layers.1.pre_feedforward_layernorm.weight"),
+        ("blk.1.post_ffw_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+    ):
+        np.testing.assert_array_equal(_values(tensors[name]), hf[hf_name] + 1.0)
+
+
+def test_gemma2_query_scale_llama_cpp_cannot_take_is_refused(tiny_model, tmp_path):
+    # conftest's Gemma 2 keeps transformers' default query_pre_attn_scalar (256) with 16-dim heads.
+    result = runner.invoke(app, ["export", str(tiny_model("gemma2")), "--out", str(tmp_path / "g.gguf")])
+    assert result.exit_code == 2
+    assert "query_pre_attn_scalar" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_gemma2_through_llama_cpp(gemma2_model, tmp_path, quant):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / f"gemma2-{quant}.gguf"
+    export_gguf(gemma2_model, path, quant, Progress())
+    ids = AutoTokenizer.from_pretrained(gemma2_model)(" ".join(SPM_TEXTS * 2))["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(gemma2_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got, _ = _llama_cpp_logits(path, ids)
+    if quant == "f32":
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
+    else:
+        # Gemma's final soft-cap squeezes this random model's logits (median top-2 margin about 0.03), so
+        # q8_0's rounding flips near-ties: top-1 agreement is about 93%, not 95%. Every flip must be a tie
+        # within the rounding error.
+        top2 = np.sort(want, axis=-1)[:, -2:]
+        flipped = got.argmax(-1) != want.argmax(-1)
+        assert flipped.mean() <= 0.1
+        assert np.all(top2[flipped, 1] - top2[flipped, 0] < np.abs(got - want).max())
