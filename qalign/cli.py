@@ -399,6 +399,8 @@ def export(
 def _export_source(source: Path, overrides: list[str] | None) -> Path:
     """The model folder behind `qalign export SOURCE`: a recipe's merged model, or SOURCE itself."""
     if source.is_dir():
+        if overrides:
+            raise UserError(f"--set changes recipe keys; {source} is a model folder, not a recipe")
         return source
     if not source.is_file():
         raise UserError(f"{source}: no such recipe or model folder")

@@ -766,3 +766,20 @@ def test_gemma2_through_llama_cpp(gemma2_model, tmp_path, quant):
         flipped = got.argmax(-1) != want.argmax(-1)
         assert flipped.mean() <= 0.1
         assert np.all(top2[flipped, 1] - top2[flipped, 0] < np.abs(got - want).max())
+
+
+def test_failure_midway_leaves_no_file(tiny_model, tmp_path, monkeypatch):
+    import qalign.gguf_export as gguf_export
+
+    calls = []
+
+    def failing(data, qtype):
+        calls.append(qtype)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return quantize(data, qtype)
+
+    monkeypatch.setattr(gguf_export, "quantize", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(tiny_model("llama"), tmp_path / "x.gguf", "q8_0", Progress())
+    assert list(tmp_path.iterdir()) == []
