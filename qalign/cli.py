@@ -209,6 +209,11 @@ def _train(
         _quiet_libraries()
         from qalign.runner import RunOptions, run_stage
 
+        if "export" in present:
+            from qalign.gguf_export import check_exportable
+
+            check_exportable(loaded.model.base, Progress(console, err_console))
+
         # `qalign run` owns every stage: a DPO stage trained from an older SFT adapter is trained again.
         options = RunOptions(resume, overwrite, force_resume, redo_on_new_start=len(stages) > 1)
         progress = Progress(console, err_console)

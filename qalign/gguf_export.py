@@ -133,13 +133,6 @@ def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str
     if arch.gguf_name in ("phi3", "gemma2") and config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
     if arch.gguf_name == "gemma2":
-        # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B), not by the config.
-        if config.get("query_pre_attn_scalar", head_dim) != head_dim:
-            raise UserError(
-                f"query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from head_dim {head_dim}; "
-                "llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), so the GGUF file would compute "
-                "something else"
-            )
         if config.get("attn_logit_softcapping") is not None:
             writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         if config.get("final_logit_softcapping") is not None:
@@ -154,10 +147,6 @@ def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str
         writer.add_rope_scaling_factor(float(rope["factor"]))
         if "original_max_position_embeddings" in rope:
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind not in ("default", "llama3"):
-        raise UserError(
-            f"RoPE scaling {kind!r} is not supported by GGUF export (default, linear, yarn, llama3)"
-        )
 
 
 def _tensors(model_dir: Path, config: dict[str, Any], arch: _Arch) -> list[tuple[str, tuple[int, ...], Any]]:
@@ -218,11 +207,53 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
     found = (config.get("architectures") or ["?"])[0]
     if found not in ARCHITECTURES:
         raise UserError(f"{model_dir}: GGUF export of {found} is not supported; it can export {_supported()}")
-    return config, ARCHITECTURES[found]
+    arch = ARCHITECTURES[found]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B), whatever the
+    # config says.
+    if arch.gguf_name == "gemma2" and config.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise UserError(
+            f"{model_dir}: query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from head_dim "
+            f"{head_dim}; llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), so the GGUF file would "
+            "compute something else"
+        )
+    kind = _rope_scaling(config)[1]["rope_type"]
+    if kind not in ("default", "linear", "yarn", "llama3"):
+        raise UserError(
+            f"{model_dir}: RoPE scaling {kind!r} is not supported by GGUF export (default, linear, yarn, llama3)"
+        )
+    return config, arch
 
 
-def export_gguf(model_dir: Path, out: Path, quant: str, progress: Progress, overwrite: bool = False) -> Vocab:
-    """Write ``model_dir`` as the GGUF file ``out`` in ``quant`` and the Modelfile beside it."""
+def check_exportable(base: str, progress: Progress) -> None:
+    """Before `qalign run` trains: refuse now a base model whose merged model could not be exported, rather
+    than after hours of training. A hub model not in the local cache is checked after the merge instead."""
+    folder = Path(base)
+    if not (folder / "config.json").is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "config.json")
+        except Exception:  # an id the hub library cannot parse: loading the model reports it
+            return
+        if not isinstance(cached, str):
+            return
+        folder = Path(cached).parent
+    config, _ = read_config(folder)
+    read_vocab(folder, config["vocab_size"])
+    progress.info(f"GGUF export: {base} can be exported")
+
+
+def export_gguf(
+    model_dir: Path,
+    out: Path,
+    quant: str,
+    progress: Progress,
+    overwrite: bool = False,
+    provenance: str | None = None,
+) -> Vocab:
+    """Write ``model_dir`` as the GGUF file ``out`` in ``quant`` and the Modelfile beside it; ``provenance``
+    (what the merged model was made from) is kept in the file under PROVENANCE_KEY."""
     import gguf
 
     if quant not in QUANTS:
@@ -242,6 +273,8 @@ def export_gguf(model_dir: Path, out: Path, quant: str, progress: Progress, over
     writer = gguf.GGUFWriter(tmp, arch.gguf_name)
     try:
         _write_metadata(writer, config, arch, quant, out.stem)
+        if provenance is not None:
+            writer.add_string(PROVENANCE_KEY, provenance)
         write_vocab(writer, vocab)
         for (name, shape, _), qtype in zip(tensors, types, strict=True):
             # GGUF stores shapes innermost-first; the writer reverses numpy order itself.
@@ -316,22 +349,45 @@ def merged_folder(recipe: Recipe) -> Path:
     return merged
 
 
+PROVENANCE_KEY = "qalign.merged_from"
+
+
+def _provenance(merged: Path) -> str | None:
+    """What the merged model was made from (base, adapter digest, dtype, base weights), from its merge report;
+    the fidelity figures are left out since they vary with the hardware, not with the weights."""
+    report = merged / "merge_report.json"
+    if not report.is_file():
+        return None
+    facts = json.loads(report.read_text(encoding="utf-8"))
+    facts.pop("fidelity", None)
+    return json.dumps(facts, sort_keys=True)
+
+
+def _exported_from(out: Path) -> str | None:
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(out).fields.get(PROVENANCE_KEY)
+    except (OSError, ValueError):  # not a GGUF file, or a truncated one: write it again
+        return None
+    return None if field is None else str(field.contents())
+
+
 def export_recipe(recipe: Recipe, progress: Progress) -> list[Path]:
-    """`qalign run`'s last step: one GGUF file per `export.gguf` type. The run owns these files: one older
-    than the merged model is written again, one newer is left as it is."""
+    """`qalign run`'s last step: one GGUF file per `export.gguf` type. The run owns these files: one made
+    from the same merge (same base, adapter and merge settings) is kept, any other is written again."""
     assert recipe.export is not None
     merged = merged_folder(recipe)
     folder = Path(recipe.export.out) if recipe.export.out else recipe.out / "gguf"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", recipe.name)
-    report = merged / "merge_report.json"
-    made = report if report.is_file() else merged / "config.json"
+    provenance = _provenance(merged)
     written = []
     for quant in recipe.export.gguf:
         out = folder / f"{stem}-{quant}.gguf"
-        if out.is_file() and out.stat().st_mtime >= made.stat().st_mtime:
+        if provenance is not None and out.is_file() and _exported_from(out) == provenance:
             progress.info(f"{out}: already exported from this merge")
         else:
-            export_gguf(merged, out, quant, progress, overwrite=True)
+            export_gguf(merged, out, quant, progress, overwrite=True, provenance=provenance)
             progress.info(f"wrote {out} and {modelfile_path(out)}")
         written.append(out)
     if written:

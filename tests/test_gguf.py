@@ -257,8 +257,6 @@ def test_recipe_without_merged_model_says_merge_first(tiny_model, tmp_path):
 
 
 def test_recipe_export_section(tiny_model, tmp_path):
-    import os
-
     import yaml
     from conftest import write_recipe
 
@@ -274,19 +272,39 @@ def test_recipe_export_section(tiny_model, tmp_path):
     recipe = load_recipe(path)
     with pytest.raises(UserError, match="no merged model yet"):
         export_recipe(recipe, Progress())
-    # Stands in for `qalign merge`: a merged folder is a plain model folder.
-    shutil.copytree(tiny_model("llama"), recipe.out / "merged")
+    # Stands in for `qalign merge`: a merged folder is a plain model folder and its report.
+    merged = recipe.out / "merged"
+    shutil.copytree(tiny_model("llama"), merged)
+    report = {"base": "b", "adapter_sha256": "aaaa", "dtype": "bf16", "fidelity": {"mean_kl": 1e-7}}
+    (merged / "merge_report.json").write_text(json.dumps(report))
     written = export_recipe(recipe, Progress())
     gguf_dir = recipe.out / "gguf"
     assert written == [gguf_dir / "tiny-f16.gguf", gguf_dir / "tiny-q8_0.gguf"]
     assert (gguf_dir / "tiny-q8_0.Modelfile").is_file()
     assert _fields(gguf.GGUFReader(written[1]))["general.file_type"] == 7
-    # A second run leaves files newer than the merge alone, and writes again one older than it.
-    before = written[0].stat().st_mtime_ns
-    os.utime(written[1], (0, 0))
+    stamps = [p.stat().st_mtime_ns for p in written]
+    # Merged again from the same adapter (other fidelity figures): the files stay.
+    (merged / "merge_report.json").write_text(json.dumps({**report, "fidelity": {"mean_kl": 2e-7}}))
     export_recipe(recipe, Progress())
-    assert written[0].stat().st_mtime_ns == before
-    assert written[1].stat().st_mtime > 0
+    assert [p.stat().st_mtime_ns for p in written] == stamps
+    # From another adapter: both are written again.
+    (merged / "merge_report.json").write_text(json.dumps({**report, "adapter_sha256": "bbbb"}))
+    export_recipe(recipe, Progress())
+    assert all(p.stat().st_mtime_ns != s for p, s in zip(written, stamps, strict=True))
+    assert "bbbb" in _fields(gguf.GGUFReader(written[0]))["qalign.merged_from"]
+
+
+def test_run_refuses_an_unexportable_base_before_training(tiny_model, tmp_path):
+    import yaml
+    from conftest import write_recipe
+
+    path = write_recipe(tmp_path, tiny_model("gpt2"))
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "merge": {}, "export": {"gguf": ["q8_0"]}}))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "GPT2LMHeadModel is not supported" in result.output
+    assert not (tmp_path / "runs" / "tiny" / "sft").exists()
 
 
 def test_unknown_pre_tokenizer_refused():
