@@ -240,7 +240,9 @@ def check_exportable(base: str, progress: Progress) -> None:
             return
         folder = Path(cached).parent
     config, _ = read_config(folder)
-    read_vocab(folder, config["vocab_size"])
+    # A hub cache may hold the config without the tokenizer yet; the export checks it after the merge then.
+    if (folder / "tokenizer.json").is_file():
+        read_vocab(folder, config["vocab_size"])
     progress.info(f"GGUF export: {base} can be exported")
 
 
