@@ -40,7 +40,9 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int, ha
     if wanted == T.Q4_K:
         is_output = name == "output.weight" or (not has_output and name == "token_embd.weight")
         layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
-        if is_output or (name.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(layer, n_layers)):
+        # A fused QKV (Phi-3) counts as the V projection, as in llama.cpp.
+        more_bits = name.endswith(("attn_v.weight", "attn_qkv.weight", "ffn_down.weight"))
+        if is_output or (more_bits and _more_bits(layer, n_layers)):
             wanted = T.Q6_K
         if shape[-1] % QK_K:
             wanted = _K_FALLBACK[wanted]

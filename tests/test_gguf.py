@@ -200,6 +200,21 @@ def test_q4_k_m_mix_and_fallbacks(recipe_free_demo, tmp_path):
         assert np.sqrt(((got - x) ** 2).mean() / (x**2).mean()) < 0.1
 
 
+def test_q4_k_m_layers_with_more_bits():
+    # Checked against llama.cpp's quantizer on 9-layer Llama, Qwen2, Gemma 2 and Phi-3 models (hidden 256):
+    # layers 0, 3, 6, 7 and 8 get Q6_K in attn_v / Phi-3's fused attn_qkv and in ffn_down.
+    more = [
+        i for i in range(9) if tensor_type(f"blk.{i}.attn_v.weight", (256, 256), "q4_k_m", 9, True) == T.Q6_K
+    ]
+    assert more == [0, 3, 6, 7, 8]
+    for name in ("attn_qkv", "ffn_down"):
+        assert tensor_type(f"blk.3.{name}.weight", (256, 256), "q4_k_m", 9, True) == T.Q6_K
+        assert tensor_type(f"blk.4.{name}.weight", (256, 256), "q4_k_m", 9, True) == T.Q4_K
+    assert tensor_type("blk.3.attn_q.weight", (256, 256), "q4_k_m", 9, True) == T.Q4_K
+    assert tensor_type("output.weight", (1000, 256), "q4_k_m", 9, True) == T.Q6_K
+    assert tensor_type("token_embd.weight", (1000, 256), "q4_k_m", 9, True) == T.Q4_K
+
+
 def test_tensor_type_fallbacks():
     assert tensor_type("blk.0.attn_q.weight", (64, 64), "q4_k_m", 2, False) == T.Q5_0
     assert tensor_type("token_embd.weight", (1000, 64), "q4_k_m", 2, False) == T.Q8_0
