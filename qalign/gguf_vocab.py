@@ -2,8 +2,10 @@
 
 llama.cpp does not run the Hugging Face tokenizer; it re-implements a fixed set of pre-tokenizers (the regex
 that splits text before BPE) and picks one by the name stored in `tokenizer.ggml.pre`. A wrong name gives a
-model that loads and then tokenizes differently from training, so the name is chosen from what the
-tokenizer.json actually does, and anything that matches none of the known ones is refused.
+model that loads and then tokenizes differently from training, so the name is chosen from what the tokenizer as
+transformers loads it actually does, and anything that matches none of the known ones is refused. SentencePiece
+style tokenizers (byte-fallback BPE) go to llama.cpp's own SentencePiece tokenizer instead, which needs scores
+rather than merges.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _split_regex(step: dict[str, Any]) -> str | None:
 
 
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
-    """The llama.cpp pre-tokenizer that splits text exactly as this tokenizer.json does, or a UserError."""
+    """The llama.cpp pre-tokenizer that splits text exactly as this tokenizer (its JSON form) does, or a
+    UserError."""
     normalizer = spec.get("normalizer")
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -127,8 +130,8 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
-    """The byte-level BPE tokenizer of ``model_dir`` laid out for GGUF, ``vocab_size`` entries long (the
-    embedding's row count, which may exceed the tokenizer's)."""
+    """The tokenizer of ``model_dir`` (byte-level or SentencePiece-style BPE) laid out for GGUF, ``vocab_size``
+    entries long (the embedding's row count, which may exceed the tokenizer's)."""
     from transformers import AutoTokenizer
 
     from qalign.chat_template import end_of_turn_id
@@ -137,8 +140,8 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(
-            f"{model_dir}: a tokenizer without a tokenizers-library backend; GGUF export supports byte-level "
-            "BPE tokenizers (GPT-2, Llama 3, Qwen style)"
+            f"{model_dir}: a tokenizer without a tokenizers-library backend (tokenizer.json); GGUF export "
+            "reads BPE tokenizers from their tokenizers-library form"
         )
     # The tokenizer as loaded, not tokenizer.json as saved: transformers' class for the model type may replace
     # the saved pre-tokenizer (Qwen2Tokenizer splits digits one by one whatever the file says).
