@@ -205,6 +205,11 @@ def _train(
         _quiet_libraries()
         from qalign.runner import RunOptions, run_stage
 
+        if "export" in present:
+            from qalign.gguf_export import check_exportable
+
+            check_exportable(loaded.model.base, Progress(console, err_console))
+
         # `qalign run` owns every stage: a DPO stage trained from an older SFT adapter is trained again.
         options = RunOptions(resume, overwrite, force_resume, redo_on_new_start=len(stages) > 1)
         progress = Progress(console, err_console)
@@ -215,6 +220,10 @@ def _train(
                 from qalign.merge import run_merge
 
                 run_merge(loaded, progress, overwrite=overwrite, replace_own=True)
+            elif name == "export":
+                from qalign.gguf_export import export_recipe
+
+                export_recipe(loaded, progress)
             else:
                 run_stage(loaded, name, progress, options)
 
@@ -251,8 +260,8 @@ def run(
     overwrite: Overwrite = False,
     force_resume: ForceResume = False,
 ) -> None:
-    """Every stage the recipe has, in order (sft, dpo, then merge), resuming whatever is already done."""
-    _train(recipe, set_, (*STAGES, "merge"), not no_resume, overwrite, force_resume)
+    """Every stage the recipe has, in order (sft, dpo, merge, then export), resuming whatever is already done."""
+    _train(recipe, set_, (*STAGES, "merge", "export"), not no_resume, overwrite, force_resume)
 
 
 @app.command()
@@ -328,6 +337,53 @@ def merge(
         merge_adapter(
             trained, adapter, out, dtype or "bf16", base_weights or "nf4-roundtrip", [], progress, overwrite
         )
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SOURCE",
+            help="A recipe (exports its merged model), a merged model folder or a transformers model folder.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE.gguf", help="The GGUF file to write.")],
+    quant: Annotated[
+        str,
+        typer.Option("--quant", metavar="f32|f16|bf16|q8_0|q4_k_m", help="Weight type of the GGUF file."),
+    ] = "q8_0",
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace FILE.gguf (and its Modelfile) if it exists.")
+    ] = False,
+) -> None:
+    """Write a GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it."""
+    from qalign.progress import Progress
+
+    with _user_errors("nothing was exported; an earlier file is untouched"):
+        model_dir = _export_source(source, set_)
+        _quiet_libraries()
+        from qalign.gguf_export import export_gguf, how_to_run, modelfile_path
+
+        export_gguf(model_dir, out, quant, Progress(console, err_console), overwrite)
+        console.print(f"wrote {out} ({quant}, from {model_dir}) and {modelfile_path(out)}")
+        console.print(how_to_run(out))
+
+
+def _export_source(source: Path, overrides: list[str] | None) -> Path:
+    """The model folder behind `qalign export SOURCE`: a recipe's merged model, or SOURCE itself."""
+    if source.is_dir():
+        if overrides:
+            raise UserError(f"--set changes recipe keys; {source} is a model folder, not a recipe")
+        return source
+    if not source.is_file():
+        raise UserError(f"{source}: no such recipe or model folder")
+    from qalign.gguf_export import merged_model
+    from qalign.recipe import load_recipe
+
+    return merged_model(load_recipe(source, overrides))
 
 
 @app.command()

@@ -7,6 +7,7 @@
                                and dpo/reference/ for the cached reference log-probs; with report_to,
                                tensorboard/ (event files), wandb/ (W&B's local files) and trackers.json
       merged/                  qalign merge's default output
+      gguf/                    qalign export's default output (with a recipe's export section)
       report.png               qalign report's default output
 
 No other module spells these names.
@@ -85,6 +86,22 @@ class RunLayout:
     @property
     def merged(self) -> Path:
         return self.out / "merged"
+
+    @property
+    def gguf(self) -> Path:
+        return self.out / "gguf"
+
+
+def merged_folder(recipe: object) -> Path:
+    """Where a recipe's merged model goes: merge.out, else the run's merged/."""
+    spec = getattr(recipe, "merge", None)
+    return Path(spec.out) if spec is not None and spec.out else RunLayout(recipe.out).merged  # type: ignore[attr-defined]
+
+
+def gguf_folder(recipe: object) -> Path:
+    """Where a recipe's GGUF files go: export.out, else the run's gguf/."""
+    spec = getattr(recipe, "export", None)
+    return Path(spec.out) if spec is not None and spec.out else RunLayout(recipe.out).gguf  # type: ignore[attr-defined]
 
     @property
     def report(self) -> Path:

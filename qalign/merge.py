@@ -314,14 +314,6 @@ def fidelity_hint(trained: TrainedAs, dtype: str, base_weights: str) -> str:
     )
 
 
-def export_folder(recipe: object) -> Path:
-    """Where a recipe's merged model goes: merge.out, else the run layout's merged/."""
-    from qalign.layout import RunLayout
-
-    spec = getattr(recipe, "merge", None)
-    return Path(spec.out) if spec is not None and spec.out else RunLayout(recipe.out).merged
-
-
 def run_merge(
     recipe: object,
     progress: Progress,
@@ -336,7 +328,7 @@ def run_merge(
     an earlier export of this recipe (one with qalign's merge report) may be replaced without `overwrite`, as
     `qalign run` does when a stage changed: it owns its export as it owns the stages."""
     from qalign.data import read_rows, to_messages
-    from qalign.layout import find_adapter
+    from qalign.layout import find_adapter, merged_folder
     from qalign.recipe import MergeSpec
 
     adapter = find_adapter(recipe, stage)
@@ -351,7 +343,7 @@ def run_merge(
                 "or merge the sft adapter with --stage sft"
             )
     spec = recipe.merge or MergeSpec()
-    out = out or export_folder(recipe)
+    out = out or merged_folder(recipe)
     dtype, base_weights = dtype or spec.dtype, base_weights or spec.base_weights
     report_path = out / "merge_report.json"
     if report_path.exists() and not overwrite:

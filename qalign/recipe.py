@@ -277,6 +277,19 @@ class MergeSpec(_Section):
     )
 
 
+class ExportSpec(_Section):
+    """GGUF files for llama.cpp, Ollama and LM Studio, made from the merged model (as `qalign export`)."""
+
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"]] = Field(
+        ["q8_0"],  # pydantic copies a mutable default for each recipe
+        min_length=1,
+        description="One `<name>-<type>.gguf` file, with its Ollama Modelfile, per weight type.",
+    )
+    out: str | None = Field(
+        None, description="Folder for the files, relative to the recipe; default `<output_dir>/gguf`."
+    )
+
+
 class Recipe(_Section):
     """The whole recipe: one YAML file that drives every stage; relative paths are relative to it."""
 
@@ -301,6 +314,11 @@ class Recipe(_Section):
     dpo: DpoSpec | None = Field(None, description="Preference optimization; absent: no DPO stage.")
     merge: MergeSpec | None = Field(
         None, description="When present, `qalign run` ends by merging the last stage's adapter."
+    )
+    export: ExportSpec | None = Field(
+        None,
+        description="When present, `qalign run` ends by writing GGUF files from the merged model (after the "
+        "merge, so it needs a `merge` section).",
     )
 
     @field_validator("report_to")
@@ -429,6 +447,14 @@ def _resolve_paths(recipe: Recipe, base_dir: Path, locate: Callable[[str], str])
             stage.data.eval = _data_or_path(stage.data.eval, base_dir, f"{name}.data.eval", locate)
     if recipe.merge is not None and recipe.merge.out is not None:
         recipe.merge.out = str(_local(recipe.merge.out, base_dir))
+    if recipe.export is not None:
+        if recipe.merge is None:
+            raise UserError(
+                f"{locate('export')}: export: the GGUF files are made from the merged model; add a `merge:` "
+                "section (`merge: {}` takes its defaults)"
+            )
+        if recipe.export.out is not None:
+            recipe.export.out = str(_local(recipe.export.out, base_dir))
     if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
         adapter = _local(recipe.dpo.init_adapter, base_dir)
         if not (adapter / "adapter_config.json").is_file():

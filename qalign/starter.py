@@ -19,8 +19,9 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # Placeholders the user must replace (or fill with data): `qalign validate` names the first one missing.
 SFT_DATA = "data/sft.jsonl"
 DPO_DATA = "data/dpo.jsonl"
-# Sections written out but commented: a merge section changes what `qalign run` does, so it is opt-in.
-COMMENTED = {"merge"}
+# Sections written out but commented: merge and export sections change what `qalign run` does, so they are
+# opt-in.
+COMMENTED = {"merge", "export"}
 WIDTH = 110
 
 
@@ -62,7 +63,9 @@ def model_for_recipe(model: str, recipe: Path) -> str:
         return str(local.resolve())
 
 
-def _section(model: type[BaseModel], values: dict[str, Any], indent: int, prefix: str = "") -> list[str]:
+def _section(
+    model: type[BaseModel], values: dict[str, Any], indent: int, prefix: str = "", width: int = WIDTH
+) -> list[str]:
     pad = " " * indent
     lines: list[str] = []
     for key, field in model.model_fields.items():
@@ -70,21 +73,23 @@ def _section(model: type[BaseModel], values: dict[str, Any], indent: int, prefix
         if sub is not None:
             if key not in values and key not in COMMENTED and field.default_factory is None:
                 continue  # an optional section the starter does not use
-            body = [f"{pad}{key}:", *_section(sub, values.get(key, {}), indent + 2, f"{prefix}{key}.")]
+            # A commented-out section's lines get "# " in front, so they are wrapped that much narrower.
+            inner = width - 2 if key in COMMENTED else width
+            body = [f"{pad}{key}:", *_section(sub, values.get(key, {}), indent + 2, f"{prefix}{key}.", inner)]
             if indent == 0:
                 lines.append("")  # top-level sections stand apart
             if key in COMMENTED:
                 note = f"{text} Uncomment to use it:"
-                lines += [*_comment(note, pad), *(f"{pad}# {line[indent:]}" for line in body)]
+                lines += [*_comment(note, pad, width), *(f"{pad}# {line[indent:]}" for line in body)]
             else:
-                lines += [*_comment(text, pad), *body]
+                lines += [*_comment(text, pad, width), *body]
             continue
         default = "required" if field.is_required() else f"default: {yaml_value(field.default)}"
         value = values.get(key, None if field.is_required() else field.default)
-        lines += _comment(f"{text} (type: {type_text(field)}, {default})", pad)
+        lines += _comment(f"{text} (type: {type_text(field)}, {default})", pad, width)
         lines.append(f"{pad}{key}: {yaml_value(value)}")
     return lines
 
 
-def _comment(text: str, pad: str) -> list[str]:
-    return [f"{pad}# {line}" for line in textwrap.wrap(text, WIDTH - len(pad) - 2)]
+def _comment(text: str, pad: str, width: int = WIDTH) -> list[str]:
+    return [f"{pad}# {line}" for line in textwrap.wrap(text, width - len(pad) - 2)]

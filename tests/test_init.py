@@ -73,8 +73,10 @@ def test_starter_validates_once_its_data_exists(tmp_path: Path, tiny_model):
 
 def test_starter_lists_every_key_with_a_comment():
     text = starter.starter_recipe("org/model")
-    # The merge section is commented out; uncommented, the file holds every key of the schema.
-    uncommented = text.replace("\n# merge:", "\nmerge:").replace("\n#   ", "\n  ")
+    # The merge and export sections are commented out; uncommented, the file holds every key of the schema.
+    uncommented = (
+        text.replace("\n# merge:", "\nmerge:").replace("\n# export:", "\nexport:").replace("\n#   ", "\n  ")
+    )
     assert dotted_keys(yaml.safe_load(uncommented)) == set(key_paths())
     lines = text.splitlines()
     for i, line in enumerate(lines):
