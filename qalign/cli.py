@@ -4,60 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperCommand, TyperGroup
 
 from qalign import __version__
+from qalign.cli_help import PlainGroup, PlainTyper
 from qalign.errors import UserError
 
-
-class _PlainHelp:
-    """Help as users read it elsewhere: `RECIPE` in the usage line (typer writes `{RECIPE}`), and nothing
-    after a flag (typer writes `--overwrite <bool>`)."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def get_params(self, ctx: Any) -> list:
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-        return params
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        return [re.sub(r"^\{(.+)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
-
-
-class _Command(_PlainHelp, TyperCommand):
-    pass
-
-
-class _Group(_PlainHelp, TyperGroup):
-    pass
-
-
-class _Typer(typer.Typer):
-    # Every command gets the plain help without each decorator having to ask for it.
-    def command(self, *args: Any, cls: type | None = None, **kwargs: Any) -> Any:
-        return super().command(*args, cls=cls or _Command, **kwargs)
-
-
-app = _Typer(
-    cls=_Group,
+app = PlainTyper(
+    cls=PlainGroup,
     help="QLoRA fine-tuning (SFT, then DPO) of a 4-bit base model, driven by one YAML recipe.",
     # Bare `qalign` prints the help and exits 0 (see _root); typer's no_args_is_help exits 2.
     no_args_is_help=False,
@@ -478,46 +441,9 @@ def plan(
         if as_json:
             sys.stdout.write(json.dumps(result.to_json()) + "\n")
             return
-        _show_plan(result, decided)
+        from qalign.plan_table import show_plan
 
-
-def _show_plan(result: object, decided: list[str]) -> None:
-    from rich.table import Table
-
-    def size(n: int) -> str:
-        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-    table = Table(title=f"qalign plan: {result.stage} on {result.target}")
-    table.add_column("component")
-    table.add_column("bytes", justify="right")
-    for name, value in result.components.items():
-        table.add_row(name, size(value))
-        if name == "base_weights":
-            for part, part_value in result.base_detail.items():
-                table.add_row(f"  {part}", f"[dim]{size(part_value)}[/dim]")
-    table.add_row("[bold]total[/bold]", f"[bold]{size(result.total_bytes)}[/bold]")
-    console.print(table)
-    ckpt = result.activations_by_checkpointing
-    console.print(
-        f"activations + logits: {size(ckpt['on'])} with gradient checkpointing, {size(ckpt['off'])} without "
-        f"({'on' if result.gradient_checkpointing else 'off'} in this plan)"
-    )
-    for line in [*decided, *result.assumptions]:
-        console.print(f"[dim]{escape(line)}[/dim]")
-    if result.fits is None:
-        console.print("no memory size given (--gpu-memory 8GiB): not checked against one")
-    elif result.fits:
-        console.print(
-            f"[green]fits[/green] in {size(result.limit)} ({size(result.limit - result.total_bytes)} left)"
-        )
-    else:
-        console.print(f"[red]does not fit[/red] in {size(result.limit)}")
-        if result.suggestions:
-            overrides = " ".join(f"--set {item}" for item in result.suggestions)
-            note = f" ({result.suggestion_note})" if result.suggestion_note else ""
-            console.print(f"smallest change that fits{escape(note)}: {escape(overrides)}")
-        else:
-            console.print(escape(result.suggestion_note))
+        show_plan(console, result, decided)
 
 
 @app.command("chat")
