@@ -82,7 +82,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
                 end = len(line.rstrip("\r\n"))
-                if exc.pos >= len(line.rstrip()):
+                if exc.pos >= len(line.rstrip()) or exc.msg.startswith("Unterminated string"):
                     # The object is still open where the line stops: the error is where the line breaks.
                     raise UserError(
                         f"{where}: the line ends at column {end} before its JSON object is complete; each line "

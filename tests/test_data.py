@@ -302,7 +302,17 @@ def msgs(*turns) -> str:
 
 
 BAD_ROWS = [
-    pytest.param(GOOD, '{"messages": [', "invalid JSON", id="invalid-json"),
+    pytest.param(GOOD, '{"messages": [}', "invalid JSON at column 15", id="invalid-json"),
+    # A line cut short (or a string broken over two lines) is reported where the line ends, not at column 1.
+    pytest.param(
+        GOOD,
+        '{"messages": [',
+        "the line ends at column 14 before its JSON object is complete",
+        id="cut-short",
+    ),
+    pytest.param(
+        GOOD, '{"prompt": "line one', "the line ends at column 21 before its JSON object", id="broken-string"
+    ),
     pytest.param(GOOD, b'{"prompt": "caf\xe9", "completion": "x"}', "not valid UTF-8", id="invalid-utf8"),
     pytest.param(GOOD, "[1, 2]", "must be a JSON object, got list", id="not-an-object"),
     pytest.param(GOOD, '"just a string"', "must be a JSON object, got str", id="a-string"),

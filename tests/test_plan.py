@@ -171,6 +171,9 @@ def test_a_run_records_its_plan_and_measured_peak_and_auto_resolves_once(tiny_mo
     saved = yaml.safe_load((run / "sft" / "recipe.yaml").read_text())["sft"]
     # A tiny model fits anywhere: no checkpointing, the CPU cap of 8.
     assert (saved["gradient_checkpointing"], saved["batch_size"]) == (False, 8)
+    # `qalign plan` without --gpu-memory decides `auto` by the same rule as the run, on the same machine.
+    planned = json.loads(qalign("plan", str(recipe), "--json", cwd=tmp_path).stdout)
+    assert (planned["gradient_checkpointing"], planned["batch_size"]) == (False, 8)
     # Running again resumes (here: finds the run complete) with the values the checkpoint was trained with.
     again = qalign("sft", str(recipe), cwd=tmp_path)
     assert again.returncode == 0, again.stderr

@@ -26,6 +26,15 @@ def test_piped_bar_prints_a_plain_line_every_tenth_and_at_the_end():
     assert all(line.endswith("(0:00:00, eta 0:00:00)") for line in lines)
 
 
+def test_piped_training_output_follows_log_every():
+    progress, out = piped()
+    with progress.bar("sft", 12, 0, every=5) as bar:
+        for done in range(1, 13):
+            bar.update(done, {"loss": 1.0})
+    steps = [line.split(" (")[0] for line in out.getvalue().splitlines()]
+    assert steps == ["sft step 5/12", "sft step 10/12", "sft step 12/12"]
+
+
 def test_piped_bar_speaks_at_least_once_a_minute_between_tenths(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
