@@ -91,6 +91,10 @@ class RunLayout:
     def gguf(self) -> Path:
         return self.out / "gguf"
 
+    @property
+    def report(self) -> Path:
+        return self.out / "report.png"
+
 
 def merged_folder(recipe: object) -> Path:
     """Where a recipe's merged model goes: merge.out, else the run's merged/."""
@@ -102,10 +106,6 @@ def gguf_folder(recipe: object) -> Path:
     """Where a recipe's GGUF files go: export.out, else the run's gguf/."""
     spec = getattr(recipe, "export", None)
     return Path(spec.out) if spec is not None and spec.out else RunLayout(recipe.out).gguf  # type: ignore[attr-defined]
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report.png"
 
 
 def is_adapter(folder: Path) -> bool:

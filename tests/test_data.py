@@ -311,7 +311,7 @@ BAD_ROWS = [
         id="cut-short",
     ),
     pytest.param(
-        GOOD, '{"prompt": "line one', "the line ends at column 21 before its JSON object", id="broken-string"
+        GOOD, '{"prompt": "line one', "the line ends at column 20 before its JSON object", id="broken-string"
     ),
     pytest.param(GOOD, b'{"prompt": "caf\xe9", "completion": "x"}', "not valid UTF-8", id="invalid-utf8"),
     pytest.param(GOOD, "[1, 2]", "must be a JSON object, got list", id="not-an-object"),
