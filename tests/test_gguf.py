@@ -59,6 +59,25 @@ def _interleave(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight[order]
 
 
+def _save_random_model(config: object, tokenizer: object, folder: Path) -> Path:
+    """A seeded random-weight model from `config`, saved with `tokenizer` as a transformers folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _transformers_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    """The fp32 transformers model's logits for `ids`: what llama.cpp's must match."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
 @pytest.fixture(scope="module")
 def llama_f32(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
@@ -355,7 +374,7 @@ def qwen3_model(tmp_path_factory) -> Path:
     which check it, so it is not extended from here)."""
     import transformers
     from conftest import TOKENIZER
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("qwen3") / "qwen3"
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -372,10 +391,7 @@ def qwen3_model(tmp_path_factory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _save_random_model(config, tokenizer, folder)
 
 
 def test_qwen3_q_k_norms(qwen3_model, tmp_path):
@@ -418,15 +434,13 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> tuple[np.ndarray, list[int]
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
 def test_llama_cpp_logits_match_transformers(tiny_model, qwen3_model, tmp_path, arch, quant):
     pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir = qwen3_model if arch == "qwen3" else tiny_model(arch)
     path = tmp_path / f"{arch}-{quant}.gguf"
     export_gguf(model_dir, path, quant, Progress(), overwrite=True)
     ids = AutoTokenizer.from_pretrained(model_dir)(TEXT)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    want = _transformers_logits(model_dir, ids)
     got, tokens = _llama_cpp_logits(path, ids)
     assert tokens == ids  # llama.cpp's pre-tokenizer and BPE split the text exactly as the HF tokenizer
     relative = np.abs(got - want).max() / np.abs(want).max()

@@ -12,7 +12,19 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from test_gguf import TEXT, T, _export, _fields, _hf_weights, _llama_cpp_logits, _tensors, _values, runner  # noqa: E402
+from test_gguf import (  # noqa: E402
+    TEXT,
+    T,
+    _export,
+    _fields,
+    _hf_weights,
+    _llama_cpp_logits,
+    _save_random_model,
+    _tensors,
+    _transformers_logits,
+    _values,
+    runner,
+)
 
 from qalign.cli import app  # noqa: E402
 from qalign.gguf_export import export_gguf  # noqa: E402
@@ -27,7 +39,7 @@ def llama3_rope_model(tmp_path_factory) -> Path:
     branch of the rescaling applies to a 16-dim head."""
     import transformers
     from conftest import TOKENIZER
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("llama3rope") / "model"
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -52,10 +64,7 @@ def llama3_rope_model(tmp_path_factory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _save_random_model(config, tokenizer, folder)
 
 
 def test_llama3_rope_factors_match_transformers(llama3_rope_model, tmp_path):
@@ -76,14 +85,12 @@ def test_llama3_rope_factors_match_transformers(llama3_rope_model, tmp_path):
 
 def test_llama3_rope_through_llama_cpp(llama3_rope_model, tmp_path):
     pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = tmp_path / "r.gguf"
     export_gguf(llama3_rope_model, path, "f32", Progress())
     ids = AutoTokenizer.from_pretrained(llama3_rope_model)(TEXT)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(llama3_rope_model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    want = _transformers_logits(llama3_rope_model, ids)
     got, _ = _llama_cpp_logits(path, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
 
@@ -102,7 +109,7 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     byte-fallback BPE, "▁" for spaces and before the text, merges being every split of a token into two."""
     import transformers
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = "the quick brown fox jumps over lazy dog what is answer hello world recipe merge export model"
     corpus = [" ".join(words.split()[i:] + words.split()[:i]) for i in range(18)] * 4
@@ -140,10 +147,7 @@ def sentencepiece_model(tmp_path_factory) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _save_random_model(config, tokenizer, folder)
 
 
 def test_sentencepiece_vocab_fields(sentencepiece_model, tmp_path):
@@ -171,7 +175,7 @@ def test_sentencepiece_vocab_fields(sentencepiece_model, tmp_path):
 
 def test_sentencepiece_through_llama_cpp(sentencepiece_model, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = tmp_path / "s.gguf"
     export_gguf(sentencepiece_model, path, "f32", Progress())
@@ -182,9 +186,7 @@ def test_sentencepiece_through_llama_cpp(sentencepiece_model, tmp_path):
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text)["input_ids"], text
     llm.close()
     ids = tokenizer(SPM_TEXTS[1])["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(sentencepiece_model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    want = _transformers_logits(sentencepiece_model, ids)
     got, _ = _llama_cpp_logits(path, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
 
@@ -194,7 +196,7 @@ def phi3_model(sentencepiece_model, tmp_path_factory) -> Path:
     """A tiny Phi-3 with a SentencePiece-style tokenizer carrying Phi-3's own special tokens (llama.cpp looks
     them up by name when loading a phi3 model)."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>"]})
@@ -211,10 +213,7 @@ def phi3_model(sentencepiece_model, tmp_path_factory) -> Path:
         pad_token_id=2,
     )
     folder = tmp_path_factory.mktemp("phi3") / "model"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _save_random_model(config, tokenizer, folder)
 
 
 def test_phi3_fused_tensors(phi3_model, tmp_path):
@@ -235,15 +234,13 @@ def test_phi3_fused_tensors(phi3_model, tmp_path):
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_phi3_through_llama_cpp(phi3_model, tmp_path, quant):
     pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = tmp_path / f"phi3-{quant}.gguf"
     export_gguf(phi3_model, path, quant, Progress())
     # All the texts: top-1 agreement over a dozen positions of a random model would hang on one near-tie.
     ids = AutoTokenizer.from_pretrained(phi3_model)(" ".join(SPM_TEXTS * 2))["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(phi3_model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    want = _transformers_logits(phi3_model, ids)
     got, _ = _llama_cpp_logits(path, ids)
     if quant == "f32":
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
@@ -320,14 +317,12 @@ def test_gemma2_query_scale_llama_cpp_cannot_take_is_refused(tiny_model, tmp_pat
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_gemma2_through_llama_cpp(gemma2_model, tmp_path, quant):
     pytest.importorskip("llama_cpp")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = tmp_path / f"gemma2-{quant}.gguf"
     export_gguf(gemma2_model, path, quant, Progress())
     ids = AutoTokenizer.from_pretrained(gemma2_model)(" ".join(SPM_TEXTS * 2))["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(gemma2_model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
+    want = _transformers_logits(gemma2_model, ids)
     got, _ = _llama_cpp_logits(path, ids)
     if quant == "f32":
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
