@@ -37,6 +37,8 @@ class _Arch:
     permute_qk: bool
     # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by the weight, so the 1 goes into the file.
     norm_offset: float = 0.0
+    # An image-text checkpoint whose language model is exported alone (its config under text_config).
+    multimodal: bool = False
 
 
 ARCHITECTURES = {
@@ -47,6 +49,9 @@ ARCHITECTURES = {
     # Q, K, V and gate/up stay fused, as llama.cpp's phi3 graph takes them.
     "Phi3ForCausalLM": _Arch("phi3", False),
     "Gemma2ForCausalLM": _Arch("gemma2", False, norm_offset=1.0),
+    "Gemma3ForCausalLM": _Arch("gemma3", False, norm_offset=1.0),
+    # The language model of Gemma 3's image-text checkpoints (4B and up); the vision tower is left out.
+    "Gemma3ForConditionalGeneration": _Arch("gemma3", False, norm_offset=1.0, multimodal=True),
 }
 
 
@@ -83,9 +88,12 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _rope_scaling(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    # transformers 5 keeps theta and scaling together in rope_parameters; older configs split them.
+def _rope_scaling(config: dict[str, Any], layer_type: str = "full_attention") -> tuple[float, dict[str, Any]]:
+    # transformers 5 keeps theta and scaling together in rope_parameters; older configs split them. Gemma 3
+    # has one set per layer type (sliding or full attention); the others one for all layers.
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" in params or "sliding_attention" in params:
+        params = dict(params.get(layer_type) or {})
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     return theta, {**params, "rope_type": kind}
@@ -105,6 +113,31 @@ def _llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> n
         np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)),
     )
     return factors.astype(np.float32)
+
+
+def _language_model_name(hf_name: str) -> str | None:
+    """A Gemma 3 image-text checkpoint's language-model tensor under its Gemma3ForCausalLM name (transformers
+    5 and 4 lay them out differently); None for the vision tower and the projector, which stay out."""
+    for prefix in ("model.language_model.", "language_model.model."):
+        if hf_name.startswith(prefix):
+            return "model." + hf_name[len(prefix) :]
+    if hf_name in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "lm_head.weight"
+    return None
+
+
+def _gemma3_query_fold(config: dict[str, Any]) -> float:
+    """What the query norm's weight is multiplied by so that llama.cpp's query scale becomes the config's.
+
+    llama.cpp scales Gemma 3's queries by 1/sqrt(hidden/heads) when the model has 62 layers (the 27B) and by
+    1/sqrt(head_dim) otherwise, whatever query_pre_attn_scalar says. The queries pass through an RMSNorm
+    with a weight just before RoPE and that scale, and RoPE is linear, so scaling the norm's weight by
+    sqrt(llama.cpp's scalar / query_pre_attn_scalar) gives exactly 1/sqrt(query_pre_attn_scalar). For every
+    released Gemma 3 the two agree and this is 1."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    llama_cpp = hidden // heads if config["num_hidden_layers"] == 62 else head_dim
+    return math.sqrt(llama_cpp / config.get("query_pre_attn_scalar", head_dim))
 
 
 def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str, name: str) -> None:
@@ -131,13 +164,17 @@ def _write_metadata(writer: Any, config: dict[str, Any], arch: _Arch, quant: str
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    if arch.gguf_name in ("phi3", "gemma2") and config.get("sliding_window"):
+    if arch.gguf_name in ("phi3", "gemma2", "gemma3") and config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
-    if arch.gguf_name == "gemma2":
-        if config.get("attn_logit_softcapping") is not None:
-            writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
-        if config.get("final_logit_softcapping") is not None:
-            writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if arch.gguf_name == "gemma2" and config.get("attn_logit_softcapping") is not None:
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if arch.gguf_name in ("gemma2", "gemma3") and config.get("final_logit_softcapping") is not None:
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if arch.gguf_name == "gemma3":
+        # Older llama.cpp builds ignore these two and assume what every released Gemma 3 has (every 6th layer
+        # global, base 10000 for the sliding ones); llama.cpp 0.3.36's reads them, so other configs run too.
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+        writer.add_rope_freq_base_swa(_rope_scaling(config, "sliding_attention")[0])
     theta, rope = _rope_scaling(config)
     writer.add_rope_freq_base(theta)
     kind = rope["rope_type"]
@@ -170,34 +207,78 @@ def _tensors(model_dir: Path, config: dict[str, Any], arch: _Arch) -> list[tuple
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
 
     tied = config.get("tie_word_embeddings", False)
+    query_fold = _gemma3_query_fold(config) if arch.gguf_name == "gemma3" else 1.0
     out: list[tuple[str, tuple[int, ...], Any]] = []
     theta, rope = _rope_scaling(config)
     if rope["rope_type"] == "llama3":
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         factors = _llama3_rope_factors(rope, theta, head_dim)
         out.append(("rope_freqs.weight", factors.shape, lambda f=factors: f))
-    for hf_name, path in files.items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+    for stored_name, path in files.items():
+        hf_name = _language_model_name(stored_name) if arch.multimodal else stored_name
+        if (
+            hf_name is None
+            or hf_name.endswith("rotary_emb.inv_freq")
+            or (tied and hf_name == "lm_head.weight")
+        ):
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(
-                f"{model_dir}: no GGUF name for tensor {hf_name}; is this a {arch.gguf_name} model?"
+                f"{model_dir}: no GGUF name for tensor {stored_name}; is this a {arch.gguf_name} model?"
             )
         heads_for = (
             {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name.split(".")[-2]) if arch.permute_qk else None
         )
 
         offset = arch.norm_offset if gguf_name.endswith("norm.weight") else 0.0
+        scale = query_fold if gguf_name.endswith("attn_q_norm.weight") else 1.0
 
         def load(
-            p: Path = path, n: str = hf_name, h: int | None = heads_for, add: float = offset
+            p: Path = path,
+            n: str = stored_name,
+            h: int | None = heads_for,
+            add: float = offset,
+            mul: float = scale,
         ) -> np.ndarray:
-            value = _read(p, n) + add
+            value = (_read(p, n) + add) * mul
             return _permute(value, h) if h is not None else value
 
-        out.append((gguf_name, shapes[hf_name], load))
+        out.append((gguf_name, shapes[stored_name], load))
     return out
+
+
+def _gemma3_config(model_dir: Path) -> dict[str, Any]:
+    """Gemma 3's text config as transformers reads it: defaults filled in (the hub's image-text configs leave
+    many out) and in transformers 5's layout (a type per layer, RoPE per layer type) whichever version wrote
+    it; for an image-text checkpoint, its language model's, tied as the checkpoint says."""
+    from transformers import AutoConfig
+
+    full = AutoConfig.from_pretrained(model_dir)
+    config = full.get_text_config().to_dict()
+    config["tie_word_embeddings"] = full.tie_word_embeddings
+    return config
+
+
+def _check_gemma3(model_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse a Gemma 3 that llama.cpp's gemma3 graph would silently run as something else."""
+    problems = []
+    if config.get("use_bidirectional_attention"):
+        problems.append("it attends both ways (EmbeddingGemma), not causally")
+    if not config.get("sliding_window"):
+        problems.append("it has no sliding_window (llama.cpp would then give every layer the global RoPE)")
+    local = _rope_scaling(config, "sliding_attention")[1]["rope_type"]
+    if local != "default":
+        problems.append(f"its sliding layers use {local} RoPE scaling; llama.cpp scales only the global ones")
+    kind = _rope_scaling(config)[1]["rope_type"]
+    if kind not in ("default", "linear"):
+        problems.append(f"its global layers use {kind} RoPE scaling; for Gemma 3 llama.cpp takes linear only")
+    if config.get("attn_logit_softcapping") is not None:
+        problems.append(
+            "it sets attn_logit_softcapping (Gemma 2's), which llama.cpp's gemma3 graph does not apply"
+        )
+    if problems:
+        raise UserError(f"{model_dir}: GGUF export of this Gemma 3 refused: " + "; ".join(problems))
 
 
 def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
@@ -209,6 +290,9 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
     if found not in ARCHITECTURES:
         raise UserError(f"{model_dir}: GGUF export of {found} is not supported; it can export {_supported()}")
     arch = ARCHITECTURES[found]
+    if arch.gguf_name == "gemma3":
+        config = _gemma3_config(model_dir)
+        _check_gemma3(model_dir, config)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B), whatever the
     # config says.

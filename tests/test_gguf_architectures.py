@@ -336,6 +336,146 @@ def test_gemma2_through_llama_cpp(gemma2_model, tmp_path, quant):
         assert np.all(top2[flipped, 1] - top2[flipped, 0] < np.abs(got - want).max())
 
 
+@pytest.fixture(scope="module")
+def gemma3_model(sentencepiece_model, tmp_path_factory) -> Path:
+    """A tiny Gemma 3 with llama.cpp's layer pattern (layers 0-4 and 6 within an 8-token sliding window, layer
+    5 global), linear RoPE scaling on the global layer as the 4B and larger models have, a query scalar other
+    than head_dim (so the query-norm fold shows) and random norm weights (so Gemma's 1 + weight shows)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        max_position_embeddings=512,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("gemma3") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_gemma3_metadata_and_tensors(gemma3_model, tmp_path):
+    reader = _export(gemma3_model, tmp_path / "g.gguf", "f32")
+    fields, tensors = _fields(reader), _tensors(reader)
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.block_count"] == 7
+    assert fields["gemma3.attention.sliding_window"] == 8
+    assert fields["gemma3.rope.freq_base"] == pytest.approx(1_000_000.0)  # the global layers'
+    assert fields["gemma3.rope.scaling.type"] == "linear"
+    assert fields["gemma3.rope.scaling.factor"] == pytest.approx(8.0)
+    assert "gemma3.final_logit_softcapping" not in fields
+    assert fields["gemma3.rope.freq_base_swa"] == pytest.approx(10_000.0)  # the sliding layers'
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True] * 5 + [False, True]
+    assert "output.weight" not in tensors  # tied
+    assert tensors["blk.6.attn_q_norm.weight"].shape.tolist() == [16]
+    assert tensors["blk.0.attn_q.weight"].shape.tolist() == [64, 64]
+    assert tensors["blk.0.attn_k.weight"].shape.tolist() == [64, 32]
+    hf = _hf_weights(gemma3_model)
+    for name, hf_name in (
+        ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+        ("blk.0.post_attention_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+        ("blk.5.ffn_norm.weight", "model.layers.5.pre_feedforward_layernorm.weight"),
+        ("blk.5.post_ffw_norm.weight", "model.layers.5.post_feedforward_layernorm.weight"),
+        ("blk.3.attn_k_norm.weight", "model.layers.3.self_attn.k_norm.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+    ):
+        np.testing.assert_array_equal(_values(tensors[name]), hf[hf_name] + 1.0)
+    # llama.cpp scales queries by 1/sqrt(head_dim = 16); the config says 1/sqrt(24): the rest is in the norm.
+    np.testing.assert_allclose(
+        _values(tensors["blk.3.attn_q_norm.weight"]),
+        (hf["model.layers.3.self_attn.q_norm.weight"] + 1.0) * np.sqrt(16 / 24),
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(
+        _values(tensors["blk.2.attn_q.weight"]), hf["model.layers.2.self_attn.q_proj.weight"]
+    )
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_gemma3_through_llama_cpp(gemma3_model, tmp_path, quant):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    path = tmp_path / f"gemma3-{quant}.gguf"
+    export_gguf(gemma3_model, path, quant, Progress())
+    # Longer than the 8-token window, so the sliding layers see only part of it.
+    ids = AutoTokenizer.from_pretrained(gemma3_model)(" ".join(SPM_TEXTS * 2))["input_ids"]
+    want = _transformers_logits(gemma3_model, ids)
+    got, _ = _llama_cpp_logits(path, ids)
+    relative = np.abs(got - want).max() / np.abs(want).max()
+    if quant == "f32":
+        assert relative < 1e-3  # 4.4e-4 measured
+    elif quant == "f16":
+        assert relative < 1e-2  # 1.7e-3
+    else:
+        # As for Gemma 2: this random model's logits are small (at most 0.8, median top-2 margin 0.037) and
+        # q8_0's rounding flips near-ties: 94% top-1 agreement (11 of 184 flipped). Every flip must be a tie
+        # within the rounding error.
+        top2 = np.sort(want, axis=-1)[:, -2:]
+        flipped = got.argmax(-1) != want.argmax(-1)
+        assert flipped.mean() <= 0.1
+        assert np.all(top2[flipped, 1] - top2[flipped, 0] < np.abs(got - want).max())
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                }
+            },
+            "sliding layers use linear",
+        ),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"use_bidirectional_attention": True}, "EmbeddingGemma"),
+    ],
+)
+def test_gemma3_llama_cpp_would_run_differently_is_refused(tmp_path, change, said):
+    """What llama.cpp's gemma3 graph cannot express is refused (before any weight is read) rather than
+    exported as another model."""
+    import json
+
+    import transformers
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = transformers.Gemma3TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16, **change
+    )
+    config.architectures = ["Gemma3ForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    result = runner.invoke(app, ["export", str(folder), "--out", str(tmp_path / "g.gguf")])
+    assert result.exit_code == 2
+    assert said in result.output
+    assert not (tmp_path / "g.gguf").exists()
+
+
 def test_failure_midway_leaves_no_file(tiny_model, tmp_path, monkeypatch):
     import qalign.gguf_export as gguf_export
 
