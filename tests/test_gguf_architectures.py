@@ -4,6 +4,7 @@ and, where llama-cpp-python is installed, run by llama.cpp."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -437,6 +438,68 @@ def test_gemma3_through_llama_cpp(gemma3_model, tmp_path, quant):
         flipped = got.argmax(-1) != want.argmax(-1)
         assert flipped.mean() <= 0.1
         assert np.all(top2[flipped, 1] - top2[flipped, 0] < np.abs(got - want).max())
+
+
+def test_gemma3_image_text_checkpoint_exports_its_language_model(sentencepiece_model, tmp_path):
+    """Gemma 3 4B and up are Gemma3ForConditionalGeneration: the language model goes in, the vision tower and
+    projector stay out (llama.cpp takes those as a separate mmproj file)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    text = transformers.Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    # Image tokens are ids of the vocabulary; the last three stand in for them.
+    n = len(tokenizer)
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=n - 1,
+        boi_token_index=n - 2,
+        eoi_token_index=n - 3,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    path = tmp_path / "g.gguf"
+    reader = _export(folder, path, "f32")
+    fields, tensors = _fields(reader), _tensors(reader)
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.embedding_length"] == 64
+    assert fields["gemma3.block_count"] == 6
+    # 6 layers of 13 tensors, the embedding and the final norm; tied, so no output.weight.
+    assert len(tensors) == 6 * 13 + 2
+    assert "blk.5.attn_q_norm.weight" in tensors and "output.weight" not in tensors
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    ids = tokenizer(" ".join(SPM_TEXTS * 2))["input_ids"]
+    want = _transformers_logits(folder, ids)
+    got, _ = _llama_cpp_logits(path, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3  # 4.6e-4 measured
 
 
 @pytest.mark.parametrize(
