@@ -281,6 +281,9 @@ def _check_gemma3(model_dir: Path, config: dict[str, Any]) -> None:
         raise UserError(f"{model_dir}: GGUF export of this Gemma 3 refused: " + "; ".join(problems))
 
 
+_YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "truncate": True}
+
+
 def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
     path = model_dir / "config.json"
     if not path.is_file():
@@ -307,6 +310,16 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
         raise UserError(
             f"{model_dir}: RoPE scaling {kind!r} is not supported by GGUF export (default, linear, yarn, llama3)"
         )
+    if kind == "yarn":
+        # The file carries YaRN's factor and original context; llama.cpp takes its defaults for the rest.
+        rope = _rope_scaling(config)[1]
+        odd = [key for key in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(key) is not None]
+        odd += [key for key, usual in _YARN_DEFAULTS.items() if rope.get(key, usual) not in (usual, None)]
+        if odd:
+            raise UserError(
+                f"{model_dir}: YaRN with {', '.join(odd)} set is not supported by GGUF export; llama.cpp would "
+                "run it with its defaults (beta_fast 32, beta_slow 1, attention factor 0.1 ln(factor) + 1)"
+            )
     return config, arch
 
 
