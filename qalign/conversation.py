@@ -3,7 +3,9 @@ OpenAI-style messages, checked turn by turn, with where training starts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -164,9 +166,10 @@ def _sharegpt(data: dict, where: str) -> list[dict]:
             known = ", ".join(sorted(SHAREGPT_ROLES))
             raise UserError(f"{where}: conversations[{i}].from '{speaker}' is not one of {known}")
         if speaker.lower() == "function_call":
-            messages.append(_sharegpt_call(value, where, f"conversations[{i}].value"))
+            messages.append(_sharegpt_call(value, where, f"conversations[{i}].value", i))
         else:
             messages.append({"role": role, "content": value})
+    _answer_calls(messages)
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise UserError(f"{where}: 'system' must be a string, got {type(system).__name__}")
@@ -177,8 +180,9 @@ def _sharegpt(data: dict, where: str) -> list[dict]:
     return messages
 
 
-def _sharegpt_call(value: str, where: str, name: str) -> dict:
-    """A ShareGPT function_call turn: its value is the call as JSON ({"name", "arguments"}, or a list)."""
+def _sharegpt_call(value: str, where: str, name: str, turn: int) -> dict:
+    """A ShareGPT function_call turn: its value is the call as JSON ({"name", "arguments"}, or a list). ShareGPT
+    carries no call ids; each call gets one (`call_id`), as templates that pair calls with results need."""
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
@@ -188,8 +192,42 @@ def _sharegpt_call(value: str, where: str, name: str) -> dict:
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         raise UserError(f"{where}: {name} must hold {{'name', 'arguments'}} (or a list of them)")
-    spelled = [{"function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
+    spelled = [
+        {
+            "id": c["id"] if isinstance(c.get("id"), str) else call_id(where, turn, j),
+            "function": {"name": c["name"], "arguments": c.get("arguments", {})},
+        }
+        for j, c in enumerate(calls)
+    ]
     return {"role": "assistant", "content": None, "tool_calls": _tool_calls(spelled, where, name)}
+
+
+ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def call_id(where: str, turn: int, call: int) -> str:
+    """A tool call id for data that has none: 9 letters and digits (the form Mistral v0.3's template demands),
+    the same for the same row, turn and call on every run, and unlike from call to call the way a model's own
+    ids are (a counter would teach the model to write "call00001")."""
+    digest = int.from_bytes(hashlib.sha256(f"{where}\0{turn}\0{call}".encode()).digest()[:8], "big")
+    out = []
+    for _ in range(9):
+        digest, index = divmod(digest, len(ID_ALPHABET))
+        out.append(ID_ALPHABET[index])
+    return "".join(out)
+
+
+def _answer_calls(messages: list[dict]) -> None:
+    """ShareGPT observations answer the calls before them in order: each takes its call's id."""
+    pending: list[dict] = []
+    for message in messages:
+        if message.get("tool_calls"):
+            pending = list(message["tool_calls"])
+        elif message["role"] == "tool" and pending:
+            call = pending.pop(0)
+            message.setdefault("tool_call_id", call["id"])
+        elif message["role"] != "tool":
+            pending = []
 
 
 def check_turns(messages: list[dict], where: str, require_reply: bool = True) -> None:

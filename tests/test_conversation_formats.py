@@ -51,12 +51,60 @@ def test_sharegpt_function_call_and_observation_are_a_tool_call_and_its_result()
         ]
     }
     messages = to_messages(row(data), "sharegpt")
+    (call,) = messages[1]["tool_calls"]
     assert messages[1] == {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}],
+        "tool_calls": [
+            {"type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}, "id": call["id"]}
+        ],
     }
-    assert messages[2] == {"role": "tool", "content": "found"}
+    # ShareGPT has no call ids: each call gets one, and the observation answering it carries it.
+    assert messages[2] == {"role": "tool", "content": "found", "tool_call_id": call["id"]}
+
+
+def test_sharegpt_call_ids_are_nine_alphanumerics_the_same_on_every_run_and_distinct_per_call():
+    calls = [{"name": "lookup", "arguments": {"q": "x"}}, {"name": "lookup", "arguments": {"q": "y"}}]
+    data = {
+        "conversations": [
+            {"from": "human", "value": "Find x and y"},
+            {"from": "function_call", "value": json.dumps(calls)},
+            {"from": "observation", "value": "found x"},
+            {"from": "observation", "value": "found y"},
+            {"from": "gpt", "value": "Both found."},
+        ]
+    }
+    messages = to_messages(row(data), "sharegpt")
+    ids = [call["id"] for call in messages[1]["tool_calls"]]
+    assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids) and len(set(ids)) == 2
+    assert [m["tool_call_id"] for m in messages[2:4]] == ids  # results answer the calls in order
+    assert to_messages(row(data), "sharegpt") == messages  # deterministic
+    other = [call["id"] for call in to_messages(Row("d.jsonl:5", data), "sharegpt")[1]["tool_calls"]]
+    assert set(other).isdisjoint(ids)  # another row, other ids
+    # An id the data gives is kept.
+    given = [{**calls[0], "id": "abcdefghi"}, calls[1]]
+    data["conversations"][1]["value"] = json.dumps(given)
+    assert to_messages(row(data), "sharegpt")[2]["tool_call_id"] == "abcdefghi"
+
+
+def test_sharegpt_function_calls_train_on_mistral_v03_which_demands_call_ids():
+    from template_zoo import family_tokenizer
+
+    from qalign.sft import prepare_sft
+
+    data = {
+        "conversations": [
+            {"from": "human", "value": "Find x"},
+            {"from": "function_call", "value": json.dumps({"name": "lookup", "arguments": {"q": "x"}})},
+            {"from": "observation", "value": "found"},
+            {"from": "gpt", "value": "It is found."},
+        ]
+    }
+    tokenizer = family_tokenizer("mistral-v0.3")
+    (example,), _ = prepare_sft([row(data)], "sharegpt", tokenizer, 512, "drop", "d.jsonl")
+    call_id = to_messages(row(data), "sharegpt")[1]["tool_calls"][0]["id"]
+    text = tokenizer.decode(example.input_ids)
+    assert f'"id": "{call_id}"' in text and f'"call_id": "{call_id}"' in text
 
 
 def test_a_sharegpt_function_call_that_is_not_json_names_its_row():

@@ -114,8 +114,6 @@ def expected_outcome(family: str, fmt: str) -> str | None:
         return "turn 0 (system): this model's chat template accepts no system turn"
     if fmt in WITH_TOOLS and not spec.tools:
         return "tool"
-    if fmt == "sharegpt function_call" and family == "mistral-v0.3":
-        return "Tool call IDs"  # its template needs the call ids ShareGPT rows do not carry
     return None
 
 
