@@ -36,6 +36,8 @@ class Conversation:
     messages: list[dict]
     trained_from: int = 0
     """Assistant turns before this index are context (a prompt given as messages), not trained."""
+    tools: list[dict] | None = None
+    """The row's function definitions (OpenAI layout), passed to the chat template as `tools=`."""
 
 
 def to_messages(row: Row, fmt: str, require_reply: bool = True) -> list[dict]:
@@ -84,7 +86,35 @@ def to_conversation(row: Row, fmt: str, require_reply: bool = True) -> Conversat
     check_turns(messages, where, require_reply)
     if require_reply and not any(m["role"] == "assistant" for m in messages[trained_from:]):
         raise UserError(f"{where}: the completion has no assistant turn: nothing to train on")
-    return Conversation(messages, trained_from)
+    return Conversation(messages, trained_from, parse_tools(data.get("tools"), where))
+
+
+def parse_tools(tools: object, where: str) -> list[dict] | None:
+    """A row's "tools": a list of function schemas, or that list as a JSON string (LLaMA-Factory's ShareGPT),
+    each in the OpenAI layout ({"type": "function", "function": {...}}) or bare ({"name", ...}), which is
+    wrapped so templates that read `tool.function` (Mistral v0.3) see it."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: 'tools' is a string but not JSON ({exc.msg})") from None
+    if not isinstance(tools, list):
+        raise UserError(
+            f"{where}: 'tools' must be a list of function definitions, got {type(tools).__name__}"
+        )
+    out = []
+    for j, tool in enumerate(tools):
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            out.append(tool)
+        elif isinstance(tool, dict) and isinstance(tool.get("name"), str):
+            out.append({"type": "function", "function": tool})
+        else:
+            raise UserError(
+                f"{where}: tools[{j}] must be {{'type': 'function', 'function': {{'name', ...}}}}"
+            )
+    return out
 
 
 def _side(data: dict, key: str, role: str, where: str) -> list[dict]:

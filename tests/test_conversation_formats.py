@@ -199,6 +199,25 @@ def test_an_explicit_preference_side_of_several_turns_says_where_they_belong():
         split_preference(row(data))
 
 
+def test_row_tools_are_read_in_the_openai_layout_bare_or_as_a_json_string():
+    tool = {
+        "name": "lookup",
+        "description": "Look it up.",
+        "parameters": {"type": "object", "properties": {}},
+    }
+    wrapped = {"type": "function", "function": tool}
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    assert to_conversation(row({"messages": turns, "tools": [wrapped]}), "messages").tools == [wrapped]
+    assert to_conversation(row({"messages": turns, "tools": [tool]}), "messages").tools == [wrapped]
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    assert to_conversation(row({**sharegpt, "tools": json.dumps([tool])}), "sharegpt").tools == [wrapped]
+    assert to_conversation(row({"messages": turns}), "messages").tools is None
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: tools\[0\] must be"):
+        to_conversation(row({"messages": turns, "tools": ["lookup"]}), "messages")
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: 'tools' is a string but not JSON"):
+        to_conversation(row({"messages": turns, "tools": "lookup"}), "messages")
+
+
 def test_gemma_refuses_tool_turns_by_turn_and_file_line():
     from template_zoo import family_tokenizer
 
