@@ -199,6 +199,73 @@ def test_an_explicit_preference_side_of_several_turns_says_where_they_belong():
         split_preference(row(data))
 
 
+ONE = [{"role": "assistant", "content": "Hello!"}]
+TWO_REPLIES = [
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "And?"},
+    {"role": "assistant", "content": "That is all."},
+]
+TOOL_THEN_REPLY = [
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call00001", "content": "found"},
+    {"role": "assistant", "content": "It is found."},
+]
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "side", "roles"),
+    [
+        (TWO_REPLIES, ONE, "chosen", "assistant, user, assistant"),
+        (ONE, TWO_REPLIES, "rejected", "assistant, user, assistant"),
+        (TOOL_THEN_REPLY, ONE, "chosen", "assistant with tool_calls, tool, assistant"),
+    ],
+)
+def test_explicit_preference_sides_with_several_assistant_turns_are_refused_by_row_and_side(
+    chosen, rejected, side, roles
+):
+    """DPO compares one final reply per side, so a side with more than one assistant turn is an error naming
+    the row, the side and its turns (issue #19's rule: prompt, chosen and rejected spans as SFT's; a side of
+    several replies has no one span to score). prepare_dpo, the path a run takes, stops on it too."""
+    from template_zoo import family_tokenizer
+
+    from qalign.dpo import prepare_dpo
+
+    data = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": chosen, "rejected": rejected}
+    message = rf"^d\.jsonl:4: '{side}' must be one assistant turn \(got 3 turns: {roles}\); .*'prompt'"
+    with pytest.raises(UserError, match=message):
+        split_preference(row(data))
+    with pytest.raises(UserError, match=message):
+        prepare_dpo([row(data)], family_tokenizer("qwen2.5"), 512, "drop", "d.jsonl")
+
+
+def test_whole_conversation_pairs_that_differ_by_more_than_one_final_reply_are_refused_by_row():
+    shared = [{"role": "user", "content": "Hi"}]
+    data = {
+        "chosen": [*shared, *TWO_REPLIES],
+        "rejected": [
+            *shared,
+            *ONE,
+            {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": "Nothing."},
+        ],
+    }
+    # The implicit layout takes the shared turns as the prompt: here they run up to the last reply, so it works.
+    prompt, chosen, rejected = split_preference(row(data))
+    assert len(prompt) == 3 and chosen["content"] == "That is all." and rejected["content"] == "Nothing."
+    data["rejected"] = [
+        *shared,
+        {"role": "assistant", "content": "Bye."},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": "Nothing."},
+    ]
+    with pytest.raises(
+        UserError,
+        match=r"^d\.jsonl:4: chosen and rejected must be the same conversation up to one "
+        r"final assistant turn",
+    ):
+        split_preference(row(data))
+
+
 def test_row_tools_are_read_in_the_openai_layout_bare_or_as_a_json_string():
     tool = {
         "name": "lookup",

@@ -371,6 +371,15 @@ def test_a_rows_tools_reach_the_template_or_are_reported(family):
     assert example.input_ids[:start] == chat_tokens(tokenizer, family, messages[:1], [WEATHER_TOOL])
 
 
+@pytest.mark.parametrize("family", ["qwen2.5", "gemma3"])
+def test_a_preference_rows_tools_reach_both_sides_or_are_reported(family):
+    tokenizer = family_tokenizer(family)
+    data = {"tools": [WEATHER_TOOL], "prompt": Q1, "chosen": A1, "rejected": "It is 6."}
+    (example,), report = prepare_dpo([Row(WHERE, data)], tokenizer, 4096, "drop", "pairs.jsonl")
+    assert example.prompt_ids == chat_tokens(tokenizer, family, [user(Q1)], [WEATHER_TOOL])
+    assert report.tools_ignored == (family not in RENDERS_TOOLS)
+
+
 def test_chat_gives_the_template_its_tools():
     from types import SimpleNamespace
 
