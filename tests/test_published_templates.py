@@ -1,6 +1,34 @@
 """Vendors' published chat templates x every data format: the trained tokens, decoded turn by turn, are
 exactly each assistant reply as the rendered conversation shows it plus the token(s) that close the turn;
-the final reply's prompt is the very token sequence `qalign chat` sends; refusals name the row and the turn."""
+every reply's prompt is the very token sequence `qalign chat` sends for its history; refusals name the row
+and the turn.
+
+ok: trains as above; R: refused, with the row, the turn and why (tested). Columns (`SFT_ROWS`, `DPO_ROWS`):
+msg messages, sys messages with a system turn, multi multi-turn, sgpt ShareGPT with "system", alp Alpaca,
+p/c prompt/completion, conv TRL's conversational p/c, tool OpenAI tool calls, fcall ShareGPT function_call,
+dpo prompt/chosen/rejected strings, expl TRL's explicit layout, impl two whole conversations. tools=: the
+template renders a row's "tools" (else they are counted and warned about). apart: when a multi-turn row's
+earlier turns are trained in rows of their own, to be prompted exactly (`expected_apart`; r1: always;
+sys/tools: with a system turn or tools; <: an earlier reply starting with "<"; sp: with a space).
+
+| template               | msg | sys | multi | sgpt | alp | p/c | conv | tool | fcall | dpo | expl | impl | tools= | apart     |
+| ---                    | --- | --- | ---   | ---  | --- | --- | ---  | ---  | ---   | --- | ---  | ---  | ---    | ---       |
+| qwen2.5                | ok  | ok  | ok    | ok   | ok  | ok  | ok   | ok   | ok    | ok  | ok   | ok   | yes    | -         |
+| qwen3                  | ok  | ok  | ok    | ok   | ok  | ok  | ok   | ok   | ok    | ok  | ok   | ok   | yes    | -         |
+| deepseek-r1-distill    | ok  | ok  | ok    | ok   | ok  | ok  | ok   | ok   | ok    | ok  | ok   | ok   | no     | r1        |
+| deepseek-r1-distill-v1 | ok  | ok  | ok    | ok   | ok  | ok  | ok   | R    | R     | ok  | ok   | ok   | no     | -         |
+| llama3.1               | ok  | ok  | ok    | ok   | ok  | ok  | ok   | ok   | ok    | ok  | ok   | ok   | yes    | -         |
+| llama3.2               | ok  | ok  | ok    | ok   | ok  | ok  | ok   | ok   | ok    | ok  | ok   | ok   | yes    | -         |
+| gemma2                 | ok  | R   | ok    | R    | ok  | ok  | ok   | R    | R     | ok  | R    | ok   | no     | -         |
+| gemma3                 | ok  | ok  | ok    | ok   | ok  | ok  | ok   | R    | R     | ok  | ok   | ok   | no     | -         |
+| mistral-v0.1           | ok  | R   | ok    | R    | ok  | ok  | ok   | R    | R     | ok  | R    | ok   | no     | <         |
+| mistral-v0.2           | ok  | R   | ok    | R    | ok  | ok  | ok   | R    | R     | ok  | R    | ok   | no     | <         |
+| mistral-v0.3           | ok  | ok  | ok    | ok   | ok  | ok  | ok   | ok   | ok    | ok  | ok   | ok   | yes    | sys/tools |
+| phi3.5                 | ok  | ok  | ok    | ok   | ok  | ok  | ok   | R    | R     | ok  | ok   | ok   | no     | sp        |
+| phi4-mini              | ok  | ok  | ok    | ok   | ok  | ok  | ok   | R    | R     | ok  | ok   | ok   | no     | -         |
+| smollm2                | ok  | ok  | ok    | ok   | ok  | ok  | ok   | R    | R     | ok  | ok   | ok   | no     | -         |
+| olmo2                  | ok  | ok  | ok    | ok   | ok  | ok  | ok   | R    | R     | ok  | ok   | ok   | no     | -         |
+"""
 
 from __future__ import annotations
 
@@ -398,6 +426,31 @@ def test_chat_gives_the_template_its_tools():
         tokenizer, "qwen2.5", messages, [WEATHER_TOOL]
     )
     assert "get_weather" in tokenizer.decode(prompt_ids(tokenizer, messages, session.tools))
+
+
+APART_CODES = {"deepseek-r1-distill": "r1", "mistral-v0.3": "sys/tools", "mistral-v0.1": "<",
+               "mistral-v0.2": "<", "phi3.5": "sp"}  # fmt: skip
+
+
+def outcome_table() -> str:
+    """The table in this module's docstring, from what the tests above expect."""
+    head = ["template", "msg", "sys", "multi", "sgpt", "alp", "p/c", "conv", "tool", "fcall", "dpo", "expl",
+            "impl", "tools=", "apart"]  # fmt: skip
+    rows = [head, ["---"] * len(head)]
+    for family in FAMILIES:
+        cells = ["ok" if expected_outcome(family, fmt) is None else "R" for fmt in [*SFT_ROWS, *DPO_ROWS]]
+        apart = any(expected_apart(family, fmt) for fmt in MULTI_TURN_ROWS)
+        tools = "yes" if family in RENDERS_TOOLS else "no"
+        rows.append([family, *cells, tools, APART_CODES[family] if apart else "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join(
+        "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    )
+
+
+def test_the_table_in_the_docstring_is_what_the_tests_expect():
+    assert outcome_table() in __doc__
 
 
 # ----------------------------------------------------------------------------------------------------------
