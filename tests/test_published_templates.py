@@ -408,6 +408,19 @@ def test_a_preference_rows_tools_reach_both_sides_or_are_reported(family):
     assert report.tools_ignored == (family not in RENDERS_TOOLS)
 
 
+def test_chat_tools_file_is_read_as_a_rows_tools(tmp_path):
+    from qalign.chat import read_tools
+
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([WEATHER_TOOL["function"]]), encoding="utf-8")
+    assert read_tools(path) == [WEATHER_TOOL]  # a bare schema is wrapped, as in rows
+    path.write_text("[{", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--tools .*tools\.json:1: invalid JSON"):
+        read_tools(path)
+    with pytest.raises(UserError, match=r"^--tools .*missing\.json: cannot read it"):
+        read_tools(tmp_path / "missing.json")
+
+
 def test_chat_gives_the_template_its_tools():
     from types import SimpleNamespace
 
