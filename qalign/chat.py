@@ -119,7 +119,7 @@ class ChatSession:
     """A conversation with a model: the history, and streamed replies rendered through its chat template."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, temperature: float, top_p: float, max_new_tokens: int,
-                 seed: int | None, system: str | None = None) -> None:  # fmt: skip
+                 seed: int | None, system: str | None = None, tools: list[dict] | None = None) -> None:  # fmt: skip
         from qalign.chat_template import end_of_turn_ids
 
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -132,6 +132,8 @@ class ChatSession:
         # Training data usually has a system turn; the conversation starts with it, and /reset keeps it.
         self.system = [{"role": "system", "content": system}] if system else []
         self.history: list[dict] = list(self.system)
+        # Function definitions, given to the template as training rows give theirs (`tools=`).
+        self.tools = tools
         # Every id a turn can end on: the template's end-of-turn tokens (Phi's <|end|> besides its EOS
         # <|endoftext|>) and generation_config's EOS list (Llama 3.1's <|eom_id|>), or replies run on.
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -156,7 +158,7 @@ class ChatSession:
         # The prompt as training rows have it (BOS included the same way), so the model sees what it was
         # trained on.
         try:
-            prompt = prompt_ids(self.tokenizer, self.history)
+            prompt = prompt_ids(self.tokenizer, self.history, self.tools)
         except UserError:
             self.history.pop()
             raise
@@ -204,6 +206,23 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
+def read_tools(path: Path) -> list[dict] | None:
+    """`qalign chat --tools FILE`: a JSON list of function definitions, read as a training row's "tools"."""
+    import json
+
+    from qalign.conversation import parse_tools
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise UserError(f"--tools {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"--tools {path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}"
+        ) from None
+    return parse_tools(data, f"--tools {path}")
+
+
 def chat(
     target: Path,
     stage: str | None,
@@ -217,10 +236,18 @@ def chat(
     input_fn: Callable[[str], str] = input,
     warn: Callable[[str], None] | None = None,
     system: str | None = None,
+    tools: list[dict] | None = None,
 ) -> ChatSession:
     """One answer for `prompt`, or an interactive loop with /reset and /exit. Returns the session."""
-    model, tokenizer, described = load_target(target, stage, overrides, warn or (lambda m: None))
-    session = ChatSession(model, tokenizer, temperature, top_p, max_new_tokens, seed, system)
+    from qalign.template_text import ignores_tools
+
+    warn = warn or (lambda m: None)
+    model, tokenizer, described = load_target(target, stage, overrides, warn)
+    if tools and ignores_tools(tokenizer, [{"role": "user", "content": "Hi"}], tools):
+        warn(
+            "--tools: this model's chat template does not render tool definitions; the model will not see them"
+        )
+    session = ChatSession(model, tokenizer, temperature, top_p, max_new_tokens, seed, system, tools)
 
     def answer(text: str) -> None:
         pieces = session.reply(text)

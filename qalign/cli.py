@@ -486,6 +486,15 @@ def chat_command(
             "--system", metavar="TEXT", help="A system turn the conversation starts with (kept by /reset)."
         ),
     ] = None,
+    tools: Annotated[
+        Path | None,
+        typer.Option(
+            "--tools",
+            metavar="FILE",
+            help="A JSON file with a list of function definitions, given to the chat template as training "
+            'rows give their "tools".',
+        ),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Talk to a model from the terminal: streams tokens, keeps the history; /reset and /exit."""
@@ -495,7 +504,7 @@ def chat_command(
         if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
             raise UserError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
         _quiet_libraries()
-        from qalign.chat import chat
+        from qalign.chat import chat, read_tools
 
         def warn(message: str) -> None:
             err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
@@ -512,6 +521,7 @@ def chat_command(
             set_,
             warn=warn,
             system=system,
+            tools=read_tools(tools) if tools is not None else None,
         )
 
 

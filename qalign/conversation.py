@@ -3,7 +3,9 @@ OpenAI-style messages, checked turn by turn, with where training starts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,8 @@ class Conversation:
     messages: list[dict]
     trained_from: int = 0
     """Assistant turns before this index are context (a prompt given as messages), not trained."""
+    tools: list[dict] | None = None
+    """The row's function definitions (OpenAI layout), passed to the chat template as `tools=`."""
 
 
 def to_messages(row: Row, fmt: str, require_reply: bool = True) -> list[dict]:
@@ -82,7 +86,35 @@ def to_conversation(row: Row, fmt: str, require_reply: bool = True) -> Conversat
     check_turns(messages, where, require_reply)
     if require_reply and not any(m["role"] == "assistant" for m in messages[trained_from:]):
         raise UserError(f"{where}: the completion has no assistant turn: nothing to train on")
-    return Conversation(messages, trained_from)
+    return Conversation(messages, trained_from, parse_tools(data.get("tools"), where))
+
+
+def parse_tools(tools: object, where: str) -> list[dict] | None:
+    """A row's "tools": a list of function schemas, or that list as a JSON string (LLaMA-Factory's ShareGPT),
+    each in the OpenAI layout ({"type": "function", "function": {...}}) or bare ({"name", ...}), which is
+    wrapped so templates that read `tool.function` (Mistral v0.3) see it."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: 'tools' is a string but not JSON ({exc.msg})") from None
+    if not isinstance(tools, list):
+        raise UserError(
+            f"{where}: 'tools' must be a list of function definitions, got {type(tools).__name__}"
+        )
+    out = []
+    for j, tool in enumerate(tools):
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            out.append(tool)
+        elif isinstance(tool, dict) and isinstance(tool.get("name"), str):
+            out.append({"type": "function", "function": tool})
+        else:
+            raise UserError(
+                f"{where}: tools[{j}] must be {{'type': 'function', 'function': {{'name', ...}}}}"
+            )
+    return out
 
 
 def _side(data: dict, key: str, role: str, where: str) -> list[dict]:
@@ -164,9 +196,10 @@ def _sharegpt(data: dict, where: str) -> list[dict]:
             known = ", ".join(sorted(SHAREGPT_ROLES))
             raise UserError(f"{where}: conversations[{i}].from '{speaker}' is not one of {known}")
         if speaker.lower() == "function_call":
-            messages.append(_sharegpt_call(value, where, f"conversations[{i}].value"))
+            messages.append(_sharegpt_call(value, where, f"conversations[{i}].value", i))
         else:
             messages.append({"role": role, "content": value})
+    _answer_calls(messages)
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise UserError(f"{where}: 'system' must be a string, got {type(system).__name__}")
@@ -177,8 +210,9 @@ def _sharegpt(data: dict, where: str) -> list[dict]:
     return messages
 
 
-def _sharegpt_call(value: str, where: str, name: str) -> dict:
-    """A ShareGPT function_call turn: its value is the call as JSON ({"name", "arguments"}, or a list)."""
+def _sharegpt_call(value: str, where: str, name: str, turn: int) -> dict:
+    """A ShareGPT function_call turn: its value is the call as JSON ({"name", "arguments"}, or a list). ShareGPT
+    carries no call ids; each call gets one (`call_id`), as templates that pair calls with results need."""
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
@@ -188,8 +222,42 @@ def _sharegpt_call(value: str, where: str, name: str) -> dict:
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         raise UserError(f"{where}: {name} must hold {{'name', 'arguments'}} (or a list of them)")
-    spelled = [{"function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
+    spelled = [
+        {
+            "id": c["id"] if isinstance(c.get("id"), str) else call_id(where, turn, j),
+            "function": {"name": c["name"], "arguments": c.get("arguments", {})},
+        }
+        for j, c in enumerate(calls)
+    ]
     return {"role": "assistant", "content": None, "tool_calls": _tool_calls(spelled, where, name)}
+
+
+ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def call_id(where: str, turn: int, call: int) -> str:
+    """A tool call id for data that has none: 9 letters and digits (the form Mistral v0.3's template demands),
+    the same for the same row, turn and call on every run, and unlike from call to call the way a model's own
+    ids are (a counter would teach the model to write "call00001")."""
+    digest = int.from_bytes(hashlib.sha256(f"{where}\0{turn}\0{call}".encode()).digest()[:8], "big")
+    out = []
+    for _ in range(9):
+        digest, index = divmod(digest, len(ID_ALPHABET))
+        out.append(ID_ALPHABET[index])
+    return "".join(out)
+
+
+def _answer_calls(messages: list[dict]) -> None:
+    """ShareGPT observations answer the calls before them in order: each takes its call's id."""
+    pending: list[dict] = []
+    for message in messages:
+        if message.get("tool_calls"):
+            pending = list(message["tool_calls"])
+        elif message["role"] == "tool" and pending:
+            call = pending.pop(0)
+            message.setdefault("tool_call_id", call["id"])
+        elif message["role"] != "tool":
+            pending = []
 
 
 def check_turns(messages: list[dict], where: str, require_reply: bool = True) -> None:

@@ -181,6 +181,12 @@ class DataReport:
     eos_appended: int = 0
     turns_unmasked: int = 0
     unanswered_opening: int = 0
+    turns_apart: int = 0
+    """Earlier assistant turns trained in a row of their own, after exactly the prompt `qalign chat` gives them."""
+    inexact_prompts: int = 0
+    """Replies whose tokens before them are still not chat's prompt for their history."""
+    tools_ignored: int = 0
+    """Rows with "tools" that the chat template does not render."""
     trained_tokens: int = 0
     lengths: list[int] | None = None
 
@@ -216,6 +222,22 @@ class DataReport:
             out.append(
                 f"{self.source}: {self.unanswered_opening} replies carry no reasoning, but the chat template's "
                 "generation prompt opens one (e.g. <think>): the model learns to answer inside it"
+            )
+        if self.turns_apart:
+            out.append(
+                f"{self.source}: {self.turns_apart} earlier assistant turns are trained in a row of their own: "
+                "in the whole conversation the tokens before them are not the prompt `qalign chat` gives them "
+                "(the template shows the history otherwise, or a token merges across the start of the reply)"
+            )
+        if self.inexact_prompts:
+            out.append(
+                f"{self.source}: {self.inexact_prompts} replies are trained after tokens that differ from the "
+                "prompt `qalign chat` gives them"
+            )
+        if self.tools_ignored:
+            out.append(
+                f"{self.source}: {self.tools_ignored} rows define 'tools' but the chat template does not render "
+                "them: the model is trained without seeing the tool definitions"
             )
         return out
 

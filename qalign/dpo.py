@@ -11,11 +11,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qalign.chat_template import IGNORE, render_conversation
+from qalign.conversation import parse_tools
 from qalign.data import DataReport, Row, check_turns, pad, parse_messages, to_messages
 from qalign.errors import UserError
 from qalign.logprobs import gathered_logprobs, label_logprobs
 from qalign.losses import dpo_loss
 from qalign.recipe import DpoSpec
+from qalign.template_text import ignores_tools
 from qalign.train import Stage
 
 
@@ -109,9 +111,12 @@ def _is_completion(chosen: list, rejected: list) -> bool:
 def _one_reply(side: list, key: str, where: str) -> dict:
     messages = parse_messages(side, where, key)
     if len(messages) != 1:
+        # DPO scores one reply against another; a side of several turns (a later user turn, or a tool call,
+        # its result and the answer) has no one reply to score.
+        roles = ", ".join(m["role"] + (" with tool_calls" if m.get("tool_calls") else "") for m in messages)
         raise UserError(
-            f"{where}: '{key}' must be one assistant turn (got {len(messages)} turns); "
-            "put earlier turns in 'prompt'"
+            f"{where}: '{key}' must be one assistant turn (got {len(messages)} turns: {roles}); a preference "
+            "pair compares one final reply per side: put earlier turns in 'prompt'"
         )
     return messages[0]
 
@@ -127,10 +132,15 @@ def prepare_dpo(
     examples = []
     for row in rows:
         prompt, chosen, rejected = split_preference(row)
+        tools = parse_tools(row.data.get("tools"), row.where)
+        try:
+            report.tools_ignored += ignores_tools(tokenizer, [*prompt, chosen], tools)
+        except UserError as exc:
+            raise UserError(f"{row.where}: {exc}") from None
         sides = []
         for reply in (chosen, rejected):
             try:
-                rendered = render_conversation(tokenizer, [*prompt, reply], last_turn_only=True)
+                rendered = render_conversation(tokenizer, [*prompt, reply], last_turn_only=True, tools=tools)
             except UserError as exc:
                 raise UserError(f"{row.where}: {exc}") from None
             if all(label == IGNORE for label in rendered.labels[1:]):
@@ -139,6 +149,7 @@ def prepare_dpo(
                 )
             report.eos_appended += rendered.eos_appended
             report.unanswered_opening += rendered.unanswered_opening
+            report.inexact_prompts += rendered.inexact_prompt
             sides.append(rendered)
         longest = max(len(s.input_ids) for s in sides)
         if longest > max_length:

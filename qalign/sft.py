@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qalign.chat_template import IGNORE, render_conversation
+from qalign.chat_template import IGNORE, render_rows
 from qalign.conversation import to_conversation
 from qalign.data import DataReport, Row, detect_format, pad
 from qalign.errors import UserError
 from qalign.logprobs import label_logprobs
 from qalign.losses import sft_loss
+from qalign.template_text import ignores_tools
 from qalign.train import Stage
 
 
@@ -41,38 +42,55 @@ def prepare_sft(
     fmt = detect_format(rows, fmt, format_key)
     report = DataReport(source=source, rows=len(rows), lengths=[])
     examples = []
+    kept = 0
     for row in rows:
         conversation = to_conversation(row, fmt)
         try:
-            rendered = render_conversation(
-                tokenizer, conversation.messages, trained_from=conversation.trained_from
+            rendered_rows = render_rows(
+                tokenizer, conversation.messages, conversation.trained_from, conversation.tools
             )
+            report.tools_ignored += ignores_tools(tokenizer, conversation.messages, conversation.tools)
         except UserError as exc:
             raise UserError(f"{row.where}: {exc}") from None
-        ids, labels = rendered.input_ids, rendered.labels
-        if all(label == IGNORE for label in labels[1:]):
+        if all(label == IGNORE for rendered in rendered_rows for label in rendered.labels[1:]):
             raise UserError(
                 f"{row.where}: no token to train on after rendering through the chat template "
                 "(does the template print assistant turns?)"
             )
-        report.eos_appended += rendered.eos_appended
-        report.turns_unmasked += rendered.turns_unmasked
-        report.unanswered_opening += rendered.unanswered_opening
-        if len(ids) > max_length:
-            if overlong == "drop":
-                report.dropped_overlong += 1
+        report.turns_apart += len(rendered_rows) - 1
+        for rendered in rendered_rows:
+            report.eos_appended += rendered.eos_appended
+            report.turns_unmasked += rendered.turns_unmasked
+            report.unanswered_opening += rendered.unanswered_opening
+            report.inexact_prompts += rendered.inexact_prompt
+        # A row's own example first; then its turns trained apart, named by the turn.
+        wheres = [row.where, *(f"{row.where} (turn {turn})" for turn in rendered_rows[0].apart)]
+        for rendered, where in zip(rendered_rows, wheres, strict=True):
+            example = _fit(rendered.input_ids, rendered.labels, where, max_length, overlong, report)
+            if example is None:
                 continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            if all(label == IGNORE for label in labels[1:]):
-                report.dropped_overlong += 1
-                continue
-            report.truncated += 1
-        example = SftExample(ids, labels, row.where)
-        examples.append(example)
-        report.lengths.append(len(ids))
-        report.trained_tokens += example.weight
-    report.kept = len(examples)
+            kept += where == row.where
+            examples.append(example)
+            report.lengths.append(len(example.input_ids))
+            report.trained_tokens += example.weight
+    report.kept = kept
     return examples, report
+
+
+def _fit(
+    ids: list[int], labels: list[int], where: str, max_length: int, overlong: str, report: DataReport
+) -> SftExample | None:
+    """The example within max_length (dropped or truncated as the recipe says, and counted)."""
+    if len(ids) > max_length:
+        if overlong == "drop":
+            report.dropped_overlong += 1
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            report.dropped_overlong += 1
+            return None
+        report.truncated += 1
+    return SftExample(ids, labels, where)
 
 
 def collate_sft(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -33,8 +33,9 @@ def examples_hash(examples: list) -> str:
 def describe_report(report: DataReport) -> str:
     p = report.percentiles()
     lengths = ", ".join(f"{k} {v}" for k, v in p.items())
+    apart = f" (and {report.turns_apart} rows for turns trained apart)" if report.turns_apart else ""
     return (
-        f"{report.source}: {report.kept} of {report.rows} rows kept, "
+        f"{report.source}: {report.kept} of {report.rows} rows kept{apart}, "
         f"{report.trained_tokens:,} trained tokens; lengths {lengths}"
     )
 

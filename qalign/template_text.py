@@ -25,12 +25,24 @@ REFUSALS = (TemplateError, TypeError, ValueError, KeyError, AttributeError, Inde
 
 
 def apply(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
 ) -> str:
-    """The template's text, exceptions untouched (callers decide how to explain them)."""
+    """The template's text, exceptions untouched (callers decide how to explain them). `tools` are the row's
+    function definitions, passed as `tools=` the way inference passes them."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def ignores_tools(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None) -> bool:
+    """The row defines tools but the template's text is the same without them: the model never sees them."""
+    if not tools:
+        return False
+    spelled, text = render_spelled(tokenizer, messages, tools)
+    return text == apply(tokenizer, spelled)
 
 
 def spellings(messages: list[dict]) -> list[list[dict]]:
@@ -71,51 +83,61 @@ def _as_string(arguments: object) -> str:
     return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
-def render_spelled(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[dict], str]:
+def render_spelled(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[list[dict], str]:
     """(the spelling the template accepts, its text for the whole conversation)."""
     first: BaseException | None = None
     options = spellings(messages)
     for spelled in options:
         try:
-            return spelled, apply(tokenizer, spelled)
+            return spelled, apply(tokenizer, spelled, tools=tools)
         except REFUSALS as exc:
             first = first or exc
-    raise UserError(explain_refusal(tokenizer, options[0], first))
+    raise UserError(explain_refusal(tokenizer, options[0], first, tools))
 
 
-def render_prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+def render_prompt_text(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None
+) -> str:
     """The generation prompt for `messages`, exactly as `qalign chat` sends it."""
     first: BaseException | None = None
     options = spellings(messages)
     for spelled in options:
         try:
-            return apply(tokenizer, spelled, add_generation_prompt=True)
+            return apply(tokenizer, spelled, add_generation_prompt=True, tools=tools)
         except REFUSALS as exc:
             first = first or exc
-    raise UserError(explain_refusal(tokenizer, options[0], first))
+    raise UserError(explain_refusal(tokenizer, options[0], first, tools))
 
 
-def prefix_prompt(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int) -> str:
+def prefix_prompt(
+    tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int, tools: list[dict] | None = None
+) -> str:
     """The generation prompt for the turns before `turn` (already in the spelling the template accepts)."""
     try:
-        return apply(tokenizer, spelled[:turn], add_generation_prompt=True)
+        return apply(tokenizer, spelled[:turn], add_generation_prompt=True, tools=tools)
     except REFUSALS as exc:
-        raise UserError(explain_refusal(tokenizer, spelled, exc)) from None
+        raise UserError(explain_refusal(tokenizer, spelled, exc, tools)) from None
 
 
 def explain_refusal(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], exc: BaseException | None
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    exc: BaseException | None,
+    tools: list[dict] | None = None,
 ) -> str:
     """Which turn the template refuses and why, in the terms of the data rather than of Jinja."""
     for turn in range(len(messages)):
-        refused = _refusal(tokenizer, messages[: turn + 1])
+        refused = _refusal(tokenizer, messages[: turn + 1], tools)
         if refused is not None:
             break
     else:
         return f"the chat template refused this conversation (the template says: {first_line(exc)})"
     message = messages[turn]
     role = message["role"]
-    if role == "system" and _refusal(tokenizer, [m for m in messages if m["role"] != "system"]) is None:
+    without_system = [m for m in messages if m["role"] != "system"]
+    if role == "system" and _refusal(tokenizer, without_system, tools) is None:
         why = (
             "this model's chat template accepts no system turn "
             "(fold the instructions into the first user turn, or drop the system turn)"
@@ -127,7 +149,9 @@ def explain_refusal(
     return f"turn {turn} ({role}): {why} (the template says: {first_line(refused)})"
 
 
-def _refusal(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> BaseException | None:
+def _refusal(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None = None
+) -> BaseException | None:
     """None when some spelling of `messages` renders; else the most telling refusal: the template's own
     raise_exception message over an error from a spelling it cannot read."""
     if not messages:
@@ -135,7 +159,7 @@ def _refusal(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> BaseEx
     refusals = []
     for spelled in spellings(messages):
         try:
-            apply(tokenizer, spelled)
+            apply(tokenizer, spelled, tools=tools)
             return None
         except REFUSALS as exc:
             refusals.append(exc)
@@ -143,7 +167,9 @@ def _refusal(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> BaseEx
     return (deliberate or refusals)[0]
 
 
-def closing_text(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int) -> str:
+def closing_text(
+    tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: int, tools: list[dict] | None = None
+) -> str:
     """The text the template closes assistant turn `turn` with (e.g. "<|im_end|>", "<|end|>", "</s>"), without
     what it writes only at the very end of a conversation (Phi's <|endoftext|>) or between turns (newlines).
 
@@ -151,14 +177,14 @@ def closing_text(tokenizer: PreTrainedTokenizerBase, spelled: list[dict], turn: 
     user turn: the closing is what both renders put right after the sentinel, cut at a token boundary."""
     probe = [*spelled[:turn], {"role": "assistant", "content": SENTINEL}]
     try:
-        last = apply(tokenizer, probe)
+        last = apply(tokenizer, probe, tools=tools)
     except REFUSALS:
         return ""
     if SENTINEL not in last:
         return ""
     after_last = last[last.index(SENTINEL) + len(SENTINEL) :]
     try:
-        followed = apply(tokenizer, [*probe, {"role": "user", "content": SENTINEL_USER}])
+        followed = apply(tokenizer, [*probe, {"role": "user", "content": SENTINEL_USER}], tools=tools)
     except REFUSALS:
         return after_last.rstrip()
     if SENTINEL not in followed:  # the template rewrites a turn once another follows
