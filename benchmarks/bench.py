@@ -35,9 +35,10 @@ LEVER_RUNS = [
     ("shared-prompt", "dpo", ["--lever", "shared-prompt"]),
     ("concat-forward", "dpo", ["--lever", "concat-forward"]),
     ("precompute-reference", "dpo", ["--set", "dpo.reference=live"]),
-    ("uniform-dropout", "sft", ["--lever", "uniform-dropout"]),
-    ("bf16-adapters", "sft", ["--lever", "bf16-adapters"]),
-    ("bf16-adapters", "dpo", ["--lever", "bf16-adapters"]),
+    ("fused-lora", "sft", ["--lever", "fused-lora"]),
+    ("fused-lora", "dpo", ["--lever", "fused-lora"]),
+    ("lora-layer", "sft", ["--lever", "lora-layer"]),
+    ("lora-layer", "dpo", ["--lever", "lora-layer"]),
     ("compute-dtype", "sft", ["--set", "model.compute_dtype=fp32"]),
     ("compute-dtype", "dpo", ["--set", "model.compute_dtype=fp32"]),
 ]

@@ -13,10 +13,10 @@ LEVERS = {
     "shared-prompt": "DPO prompt computed once per pair, chosen and rejected in one row (off: a row each, one pass)",
     "concat-forward": "chosen and rejected in one forward pass (off: a row each and one pass for each side; "
     "against the row above, this lever alone)",
-    "uniform-dropout": "LoRA dropout: mask from 16-bit lanes of 64-bit draws, applied by masked_fill, bool mask "
-    "kept (off: nn.Dropout's Bernoulli sampler and float mask)",
-    "bf16-adapters": "with a bf16 base, adapters multiply in bf16 from fp32 weights (off: peft casts every "
-    "adapter's input to fp32)",
+    "fused-lora": "each LoRA layer on the 4-bit base as one autograd node (off: peft's chain of base matmul, "
+    "clone, dropout, A, B, scaling and add, with qalign's dropout mask and bf16 adapter matmuls)",
+    "lora-layer": "everything qalign/lora.py and qalign/dropout.py change (off: peft's own LoRA layers: "
+    "nn.Dropout's Bernoulli mask, every adapter input cast to fp32)",
 }
 
 
@@ -39,19 +39,13 @@ def apply_levers(off: list[str]) -> None:
     if unknown:
         raise SystemExit(f"unknown lever(s) {unknown}; known: {sorted(LEVERS)}")
     from qalign import dpo, reference, runner, sft
-    from qalign.lora import UniformDropout
 
-    tune = runner.tune_lora_layers
-    if "uniform-dropout" in off or "bf16-adapters" in off:
+    if "lora-layer" in off:
+        runner.tune_lora_layers = lambda model, dtype: None
+    elif "fused-lora" in off:
+        import qalign.lora
 
-        def partly_tuned(model: torch.nn.Module, dtype: torch.dtype) -> None:
-            tune(model, torch.float32 if "bf16-adapters" in off else dtype)
-            if "uniform-dropout" in off:
-                for module in model.modules():
-                    if type(module) is UniformDropout:
-                        module.__class__ = torch.nn.Dropout
-
-        runner.tune_lora_layers = partly_tuned
+        qalign.lora._on_4bit = lambda layer: False
 
     if "selective-head" in off:
         sft.label_logprobs = full_logits_logprobs

@@ -175,7 +175,9 @@ def estimate(
     mask = rows * seq * seq * (a if pair_rows else 1) if masked else 0
     # DPO turns dropout off (runner.disable_dropout); a dropout of 0 saves no copies.
     dropout = recipe.lora.dropout > 0 and stage != "dpo"
-    per_layer = _layer_bytes_per_token(arch, recipe.lora, dtype, r, dropout, masked or attn == "eager")
+    # On a CPU each adapter on a 4-bit base runs as one node (qalign/lora.py) that keeps its shared input.
+    fused = target == "cpu" and model.quantization != "none" and dtype in ("bf16", "fp32")
+    per_layer = _layer_bytes_per_token(arch, recipe.lora, dtype, r, dropout, masked or attn == "eager", fused)
     attention = _attention_scores_bytes(arch, attn, rows, seq, a)
     saved_layers = arch.layers * (per_layer * tokens + attention) + mask
     inputs_only = arch.layers * arch.hidden * a * tokens + mask  # what checkpointing keeps of each layer
@@ -261,7 +263,7 @@ _ATTENTION_OUT = {"o_proj", "out_proj", "dense"}
 
 
 def _layer_bytes_per_token(
-    arch: Architecture, lora: LoraSpec, dtype: str, r: int, dropout: bool, masked: bool
+    arch: Architecture, lora: LoraSpec, dtype: str, r: int, dropout: bool, masked: bool, fused: bool = False
 ) -> float:
     """Bytes one decoder layer saves for backward, per token, counted tensor by tensor for a Llama-style
     layer (other families are close to it). bitsandbytes' 4-bit matmul keeps no input (the weight is
@@ -291,7 +293,10 @@ def _layer_bytes_per_token(
         return size
     # lora_B keeps lora_A's output.
     size += r * count * a
-    if dropout:
+    if dropout and fused:
+        # The fused node keeps the shared input (counted below) and its keep bits, as wide as the dtype.
+        size += inputs * a
+    elif dropout:
         # Each adapter keeps its own dropped-out input (for lora_A) and the dropout's bool mask.
         return size + inputs * (a + 1)
     # Without dropout lora_A keeps its input, which is what its base layer read: one norm output shared by

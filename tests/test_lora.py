@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qalign.dropout import UniformDropout
 from qalign.logprobs import label_logprobs
-from qalign.lora import ComputeDtypeLinear, UniformDropout, tune_lora_layers
+from qalign.lora import ComputeDtypeLinear, tune_lora_layers
 from qalign.model import attach_lora, compute_dtype, cpu_has_native_bf16, load_base
 from qalign.recipe import LoraSpec, ModelSpec
 
@@ -23,11 +24,19 @@ def test_uniform_dropout_drops_p_and_rescales_the_rest():
     y = dropout(x)
     dropped = y == 0
     assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.002)  # 1e6 draws: standard error 3e-4
-    # Each 64-bit draw feeds four neighbouring elements: every lane must drop at the same rate.
+    # Each 64-bit hash feeds four neighbouring elements: every lane must drop at the same rate, and whether one
+    # element drops must say nothing about its neighbours (pairs within a word and across words).
     lanes = dropped.reshape(-1, 4).float().mean(0)
     torch.testing.assert_close(lanes, torch.full((4,), 0.1), atol=0.004, rtol=0)
-    # p is rounded up to a multiple of 2^-16, and the kept values are rescaled by that p.
-    scale = 65536 / (65536 - 6554)
+    flat = dropped.flatten().float()
+    for gap in (1, 2, 3, 4, 5, 8):
+        both = (flat[:-gap] * flat[gap:]).mean().item()
+        assert both == pytest.approx(0.01, abs=0.0006), gap
+    # A second mask (a new seed) is independent of the first.
+    again = dropout(x) == 0
+    assert (dropped & again).float().mean().item() == pytest.approx(0.01, abs=0.0006)
+    # p is rounded up to a multiple of 2^-15, and the kept values are rescaled by that p.
+    scale = 32768 / (32768 - 3277)
     kept = ~dropped
     torch.testing.assert_close(y[kept], x[kept] * scale)
     y.sum().backward()
@@ -131,3 +140,71 @@ def test_bf16_adapters_multiply_in_bf16_with_fp32_weights_and_gradients(tiny_mod
         assert cosine > 0.99, name
     # peft's path keeps an fp32 copy of every adapter's input for backward; the tuned one keeps none.
     assert got_saved < 0.8 * want_saved, (got_saved, want_saved)
+
+
+def _lora(tiny_model, arch: str, dtype: str, dropout: float, tuned: bool) -> torch.nn.Module:
+    spec = ModelSpec(base=str(tiny_model(arch)), compute_dtype=dtype)
+    model = attach_lora(load_base(spec, CPU), LoraSpec(r=4, alpha=8, dropout=dropout), False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-zero B, so the adapter changes the output
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    if tuned:
+        tune_lora_layers(model, compute_dtype(dtype, CPU))
+    return model.train()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the q/k/v base layers have a bias
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_lora_layer_gives_peft_values_and_gradients_in_fp32(tiny_model, arch, dropout):
+    from qalign.lora import _LoraOn4bit
+
+    plain = _lora(tiny_model, arch, "fp32", dropout, tuned=False)
+    fused = _lora(tiny_model, arch, "fp32", dropout, tuned=True)
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    calls = []
+    original = _LoraOn4bit.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    if dropout:
+        # The same mask on both paths: peft's dropout made to draw it as the fused layer does.
+        for m in plain.modules():
+            if type(m) is torch.nn.Dropout:
+                m.__class__ = UniformDropout
+    torch.manual_seed(11)
+    want, want_grads, _ = _step(plain)
+    _LoraOn4bit.forward = staticmethod(counting)
+    try:
+        torch.manual_seed(11)
+        got, got_grads, _ = _step(fused)
+    finally:
+        _LoraOn4bit.forward = staticmethod(original)
+    # Every adapted linear of both decoder layers took the fused node. Each adapter draws its own mask, in the
+    # same order on both paths: a mask shared between adapters, or drawn in another order, would not match.
+    assert len(calls) == 14
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_lora_layer_replays_its_dropout_mask_under_gradient_checkpointing(tiny_model):
+    grads = []
+    for checkpointing in (False, True):
+        spec = ModelSpec(base=str(tiny_model("llama")), compute_dtype="fp32")
+        model = attach_lora(load_base(spec, CPU), LoraSpec(r=4, alpha=8, dropout=0.3), checkpointing)
+        tune_lora_layers(model, torch.float32)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape) * 0.05)
+        torch.manual_seed(9)
+        grads.append(_step(model.train())[1])
+    # The recomputed forward must draw the masks the first forward drew, or the adapter's gradients differ.
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
