@@ -175,9 +175,9 @@ def _proc_age_s() -> float | None:
 
 
 STARTUP_CLOCK = (
-    "process start (/proc/self/stat)"
+    "its start time in /proc/self/stat"
     if _proc_age_s() is not None
-    else "bench_worker's imports done (interpreter and torch import not counted)"
+    else "the end of bench_worker's imports: the interpreter's start and torch's import are not counted"
 )
 
 
