@@ -40,7 +40,8 @@ demo-assets: install
 	$(BIN)/python scripts/demo_task.py
 	$(BIN)/python scripts/build_demo_model.py
 
-# qalign against TRL on the same machine (about 16 minutes on 2 CPU cores); writes benchmarks/RESULTS.md.
+# qalign against TRL on the same machine (about 16 minutes on 2 CPU cores before the mixed-length workload
+# was added, which adds 8 measurements to the 22 of a repetition); writes benchmarks/RESULTS.md.
 # The bench extra installs without touching torch: the installed version is pinned for pip's resolver.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"

@@ -1,7 +1,8 @@
 """qalign against TRL (SFTTrainer/DPOTrainer + peft + bitsandbytes), side by side on the same machine in one run.
 
 Every measurement is a separate worker process (bench_worker.py); the tools alternate, each configuration is
-repeated, and the table shows medians. The results, with the machine, versions and command, go to
+repeated, and the table shows medians. Two workloads (bench_setup.py): `uniform` data in every mode, and
+`mixed`-length data in the modes --mixed-modes names. Steady-state speed and start-up are reported apart. The results, with the machine, versions and command, go to
 benchmarks/RESULTS.md.
 
     make bench                                     # the full run
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_report import machine, render_results, results_table  # noqa: E402
-from bench_setup import MODELS, build_model, write_data  # noqa: E402
+from bench_setup import MODELS, WORKLOADS, build_model, write_data  # noqa: E402
 from bench_worker import MODES  # noqa: E402
 
 # Lever measurements: (name, stage, what the worker gets to turn the lever off). The baseline is qalign at
@@ -48,7 +49,20 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--stages", nargs="+", choices=("sft", "dpo"), default=["sft", "dpo"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="modes on uniform data"
+    )
+    parser.add_argument(
+        "--workloads",
+        "--data",
+        nargs="+",
+        choices=WORKLOADS,
+        default=list(WORKLOADS),
+        help="uniform: every example the same length; mixed: skewed lengths, 8-300 tokens a part",
+    )
+    parser.add_argument(
+        "--mixed-modes", nargs="+", choices=MODES, default=["defaults", "gc-on"], help="modes on mixed data"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
@@ -61,31 +75,52 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: by name)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, one repetition")
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="where to write (default benchmarks/RESULTS.md; --quick: nowhere)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     if args.quick:
         args.model, args.reps, args.steps, args.warmup, args.levers = "tiny", 1, 4, 1, False
         args.prompt_words, args.response_words = 8, 8
-        args.no_write = True
+        # One mode is enough to see that the mixed workload runs.
+        args.mixed_modes = ["defaults"]
+        # A smoke run does not overwrite the recorded results, unless told where to write.
+        args.no_write = args.no_write or args.results is None
+    if args.results is None:
+        args.results = HERE / "RESULTS.md"
     return args
 
 
+def modes_of(args: argparse.Namespace, workload: str) -> list[str]:
+    return args.modes if workload == "uniform" else args.mixed_modes
+
+
 def run_worker(
-    args: argparse.Namespace, root: Path, tool: str, stage: str, mode: str, extra: list[str]
+    args: argparse.Namespace,
+    root: Path,
+    workload: dict,
+    tool: str,
+    stage: str,
+    mode: str,
+    extra: list[str],
 ) -> dict:
-    tag = f"{tool}-{stage}-{mode}-{abs(hash(tuple(extra))) % 10**6}-{len(list(root.glob('out/*')))}"
+    name = workload["workload"]
+    tag = f"{tool}-{stage}-{mode}-{name}-{abs(hash(tuple(extra))) % 10**6}-{len(list(root.glob('out/*')))}"
     out = root / "out" / f"{tag}.json"
     command = [
         sys.executable,
         str(HERE / "bench_worker.py"),
         *("--tool", tool, "--stage", stage, "--mode", mode),
-        *("--model", str(root / "model"), "--data", str(root / "data")),
+        *("--model", str(root / "model"), "--data", str(root / "data" / name)),
         *("--workdir", str(root / "work" / tag), "--out", str(out)),
         *("--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum)),
         # Room for the chat template's tokens: nothing is ever truncated.
-        *("--max-length", str(args.prompt_words + args.response_words + 64)),
+        *("--max-length", str(workload["max_words"] + 64)),
         *extra,
     ]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -98,8 +133,13 @@ def run_worker(
 def medians(runs: list[dict]) -> dict:
     keys = ("tokens_per_s", "tokens_per_s_train", "peak_mib", "train_mib", "precompute_s")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    for key in ("startup_s", "first_step_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
     first = runs[0]
     out.update(
+        phases={k: statistics.median(r["phases"].get(k, 0.0) for r in runs) for k in first["phases"]},
+        startup_clock=first["startup_clock"],
         settings=first["settings"],
         memory=first["memory"],
         device=first["device"],
@@ -120,34 +160,41 @@ def main() -> None:
         root = Path(tmp)
         model = build_model(args.model, root / "model")
         # One epoch exactly: a reference precompute pass then covers precisely the data the run trains on.
-        write_data(
-            root / "data",
-            args.steps * args.batch_size * args.grad_accum,
-            args.prompt_words,
-            args.response_words,
-        )
+        workloads = {
+            name: write_data(
+                root / "data" / name,
+                args.steps * args.batch_size * args.grad_accum,
+                args.prompt_words,
+                args.response_words,
+                workload=name,
+            )
+            for name in args.workloads
+        }
         console.print(
             f"model {model['name']}: {model['parameters'] / 1e6:.1f}M parameters; {machine()['cpu']}"
         )
         runs: dict[tuple, list[dict]] = {}
         for rep in range(args.reps):
             for stage in args.stages:
-                for mode in args.modes:
-                    # Alternate which tool goes first, so neither always runs on a warmer (or hotter) machine.
-                    tools = ("qalign", "trl") if rep % 2 == 0 else ("trl", "qalign")
-                    for tool in tools:
-                        result = run_worker(args, root, tool, stage, mode, [])
-                        runs.setdefault((tool, stage, mode), []).append(result)
-                        console.print(
-                            f"  rep {rep + 1}/{args.reps} {stage} {mode:8} {tool:6} "
-                            f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB"
-                        )
-                if args.levers:
+                for workload, data in workloads.items():
+                    for mode in modes_of(args, workload):
+                        # Alternate which tool goes first, so neither always runs on a warmer (or hotter) machine.
+                        tools = ("qalign", "trl") if rep % 2 == 0 else ("trl", "qalign")
+                        for tool in tools:
+                            result = run_worker(args, root, data, tool, stage, mode, [])
+                            runs.setdefault((tool, stage, mode, workload), []).append(result)
+                            console.print(
+                                f"  rep {rep + 1}/{args.reps} {stage} {workload:7} {mode:8} {tool:6} "
+                                f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB  "
+                                f"first step at {result['first_step_s']:5.1f} s"
+                            )
+                # Levers are measured on the uniform workload, against qalign's gc-on there.
+                if args.levers and "uniform" in workloads:
                     for name, lever_stage, extra in LEVER_RUNS:
                         if lever_stage != stage:
                             continue
-                        result = run_worker(args, root, "qalign", stage, "gc-on", extra)
-                        runs.setdefault(("lever", name, stage), []).append(result)
+                        result = run_worker(args, root, workloads["uniform"], "qalign", stage, "gc-on", extra)
+                        runs.setdefault(("lever", name, stage, "uniform"), []).append(result)
                         console.print(
                             f"  rep {rep + 1}/{args.reps} lever off: {name} ({stage}) "
                             f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB"
@@ -155,7 +202,8 @@ def main() -> None:
         summary = {key: medians(value) for key, value in runs.items()}
     console.print(results_table(summary, args, model))
     if not args.no_write:
-        args.results.write_text(render_results(summary, args, model, sys.argv), encoding="utf-8")
+        text = render_results(summary, args, model, sys.argv, workloads)
+        args.results.write_text(text, encoding="utf-8")
         console.print(f"written to {args.results}")
 
 

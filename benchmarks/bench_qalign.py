@@ -50,14 +50,16 @@ def write_recipe(args: argparse.Namespace) -> dict:
 
 
 def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
-    from qalign import reference, runner
-    from qalign.model import compute_dtype, pick_device
-    from qalign.progress import Progress
-    from qalign.recipe import load_recipe
-    from qalign.train import Trainer
+    with clock.phase("qalign imports"):
+        from qalign import reference, runner
+        from qalign.model import compute_dtype, pick_device
+        from qalign.progress import Progress
+        from qalign.recipe import load_recipe
+        from qalign.train import Trainer
 
-    recipe_dict = write_recipe(args)
-    recipe = load_recipe(args.workdir / "recipe.yaml", args.overrides)
+    with clock.phase("recipe"):
+        recipe_dict = write_recipe(args)
+        recipe = load_recipe(args.workdir / "recipe.yaml", args.overrides)
     apply_levers(args.lever)
 
     original_step = Trainer._train_step
@@ -82,6 +84,15 @@ def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
         finally:
             clock.precompute_s += time.perf_counter() - began
 
+    # The start-up stages run_stage goes through before training (it calls them by these module names); the
+    # reference pass is clock.precompute_s.
+    for name, phase in (
+        ("load_tokenizer", "tokenizer"),
+        ("load_stage_data", "data (read, render, check)"),
+        ("plan_memory", "memory plan"),
+        ("load_model", "model (load, quantize, LoRA)"),
+    ):
+        setattr(runner, name, clock.timed(phase, getattr(runner, name)))
     Trainer._train_step = timed_step
     reference.compute_reference = timed_reference
     quiet = Console(file=io.StringIO())

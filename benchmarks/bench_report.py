@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from bench_levers import LEVERS
+from bench_setup import MIXED_MEDIAN, MIXED_RANGE
 from rich.table import Table
 
 # Dense bf16 peak TFLOP/s by GPU name, for model FLOPs utilization; --peak-tflops overrides.
@@ -40,21 +41,51 @@ LEVER_TEXT = {
 }
 
 
+# The /proc/cpuinfo flags that decide how fast bf16 and 4-bit matmuls run on a CPU, and what they mean.
+CPU_FLAGS = {
+    "avx512_bf16": "AVX512-BF16",
+    "amx_bf16": "AMX-BF16",
+    "amx_tile": "AMX tiles",
+    "avx512f": "AVX512F",
+    "avx2": "AVX2",
+}
+
+
+def cpu_facts(cpuinfo: str | None) -> dict:
+    """The CPU model and, for each of CPU_FLAGS, True/False, or None where /proc/cpuinfo could not be read (not
+    Linux): unknown, not absent."""
+    model, flags = None, None
+    for line in (cpuinfo or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        if key.strip() == "flags" and flags is None:
+            flags = set(value.split())
+    return {
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "cpu_flags": {flag: None if flags is None else flag in flags for flag in CPU_FLAGS},
+    }
+
+
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        cpuinfo = None
+    facts = cpu_facts(cpuinfo)
     info = {
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "cpu": f"{facts['cpu_model']}, {os.cpu_count()} cores",
+        **facts,
         "python": platform.python_version(),
         "os": platform.platform(),
     }
     import torch
+
+    from qalign.model import compute_dtype, cpu_has_native_bf16
+
+    # What qalign's `compute_dtype: auto` picks on this CPU, by qalign's own rule (torch's CPU checks).
+    info["cpu_native_bf16"] = cpu_has_native_bf16()
+    info["cpu_auto_dtype"] = str(compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
 
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -95,23 +126,28 @@ def comparisons(summary: dict, args: argparse.Namespace) -> list[dict]:
     """qalign and TRL side by side per (stage, mode), matched-settings modes first: they compare like with like,
     where `defaults` also compares the tools' choices."""
     rows = []
-    modes = sorted(args.modes, key=lambda mode: mode == "defaults")
-    for stage in args.stages:
-        for mode in modes:
-            ours, theirs = summary.get(("qalign", stage, mode)), summary.get(("trl", stage, mode))
-            if ours and theirs:
-                rows.append({"stage": stage, "mode": mode, "qalign": ours, "trl": theirs})
+    for workload in args.workloads:
+        modes = args.modes if workload == "uniform" else args.mixed_modes
+        for stage in args.stages:
+            for mode in sorted(modes, key=lambda mode: mode == "defaults"):
+                key = (stage, mode, workload)
+                ours, theirs = summary.get(("qalign", *key)), summary.get(("trl", *key))
+                if ours and theirs:
+                    rows.append(
+                        {"stage": stage, "mode": mode, "workload": workload, "qalign": ours, "trl": theirs}
+                    )
     return rows
 
 
 def lever_rows(summary: dict, args: argparse.Namespace) -> list[dict]:
     rows = []
-    for (kind, name, stage), entry in summary.items():
-        base = summary.get(("qalign", stage, "gc-on"))
+    for (kind, name, stage, workload), entry in summary.items():
+        base = summary.get(("qalign", stage, "gc-on", workload))
         if kind == "lever" and base:
             rows.append({"lever": name, "stage": stage, "on": base, "off": entry})
     for stage in args.stages:
-        on, off = summary.get(("qalign", stage, "gc-on")), summary.get(("qalign", stage, "gc-off"))
+        on = summary.get(("qalign", stage, "gc-on", "uniform"))
+        off = summary.get(("qalign", stage, "gc-off", "uniform"))
         if on and off:
             rows.append({"lever": "gradient-checkpointing", "stage": stage, "on": on, "off": off})
     return rows
@@ -119,22 +155,24 @@ def lever_rows(summary: dict, args: argparse.Namespace) -> list[dict]:
 
 def results_table(summary: dict, args: argparse.Namespace, model: dict) -> Table:
     table = Table(title=f"qalign vs TRL, {model['name']} model, medians of {args.reps}")
+    text = ("workload", "stage", "mode", "tool")
     for column in (
-        "stage",
-        "mode",
-        "tool",
+        *text,
         "tokens/s",
         "train-only tok/s",
         "peak MiB",
         "speed ratio",
         "memory ratio",
+        "to 1st step s",
+        "through 1st step s",
     ):
-        table.add_column(column, justify="left" if column in ("stage", "mode", "tool") else "right")
+        table.add_column(column, justify="left" if column in text else "right")
     for row in comparisons(summary, args):
         ours, theirs = row["qalign"], row["trl"]
         for tool, entry in (("qalign", ours), ("trl", theirs)):
             ratio = tool == "qalign"
             table.add_row(
+                row["workload"],
                 row["stage"],
                 row["mode"],
                 tool,
@@ -143,11 +181,89 @@ def results_table(summary: dict, args: argparse.Namespace, model: dict) -> Table
                 f"{entry['peak_mib']:,.0f}",
                 f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if ratio else "",
                 f"{ours['peak_mib'] / theirs['peak_mib']:.2f}x" if ratio else "",
+                _seconds(entry.get("startup_s")),
+                _seconds(entry.get("first_step_s")),
             )
     return table
 
 
-def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: list[str]) -> str:
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _flags(info: dict) -> str:
+    flags = info["cpu_flags"]
+    if all(value is None for value in flags.values()):
+        return "flags unknown (no /proc/cpuinfo)"
+    return ", ".join(f"{text} {'yes' if flags[flag] else 'no'}" for flag, text in CPU_FLAGS.items())
+
+
+def describe_workload(workload: dict, args: argparse.Namespace) -> str:
+    """One line on what a workload's examples look like, from the lengths write_data reports."""
+    if workload["workload"] == "uniform":
+        return (
+            f"`uniform`: every prompt {args.prompt_words} and every response {args.response_words} words, one "
+            "token each (plus the chat template's tokens): no padding"
+        )
+    return (
+        f"`mixed`: each prompt, response, chosen and rejected its own length, log-normal around {MIXED_MEDIAN} "
+        f"tokens clipped to {MIXED_RANGE[0]}-{MIXED_RANGE[1]} (seed 0); prompt + response {workload['min_words']}"
+        f"-{workload['max_words']} tokens, median {workload['median_words']:g} (before the chat template). "
+        "Batches pad to their longest row; tokens/s counts the tokens, not the padding"
+    )
+
+
+def startup_lines(rows: list[dict]) -> list[str]:
+    """The start-up table (qalign vs TRL per row) and each tool's breakdown by stage, medians."""
+    if not rows or rows[0]["qalign"].get("startup_s") is None:
+        return []
+    clock = rows[0]["qalign"]["startup_clock"]
+    lines = [
+        "",
+        "## Start-up",
+        "",
+        f"Seconds from the worker process's start (measured from {clock}) to the beginning of the first optimizer step (imports, "
+        "loading and quantizing, data preparation, the memory plan, the DPO reference pass) and through its end. "
+        "The tokens/s above leave all of this out; ratios are qalign / TRL, below 1 favours qalign.",
+        "",
+        "| workload | stage | mode | qalign to 1st step | TRL to 1st step | ratio | qalign through 1st step "
+        "| TRL through 1st step | ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ours, theirs = row["qalign"], row["trl"]
+        cells = []
+        for key in ("startup_s", "first_step_s"):
+            a, b = ours.get(key), theirs.get(key)
+            ratio = f"{a / b:.2f}x" if a is not None and b else "n/a"
+            cells += [_seconds(a), _seconds(b), ratio]
+        lines.append(f"| {row['workload']} | {row['stage']} | {row['mode']} | " + " | ".join(cells) + " |")
+    for tool, name in (("qalign", "qalign"), ("trl", "TRL")):
+        lines += [
+            "",
+            f"Where {name}'s seconds before the first step go (medians; `other` is what the named stages leave "
+            "unaccounted: building the trainer, the optimizer, the first batch):",
+            "",
+        ]
+        names = list(dict.fromkeys(k for row in rows for k in row[tool]["phases"] if k != "other"))
+        names.append("other")
+        lines += [
+            "| workload | stage | mode | " + " | ".join(names) + " |",
+            "|---|---|---|" + "---:|" * len(names),
+        ]
+        for row in rows:
+            phases = row[tool]["phases"]
+            lines.append(
+                f"| {row['workload']} | {row['stage']} | {row['mode']} | "
+                + " | ".join(f"{phases[k]:.2f}" if k in phases else "" for k in names)
+                + " |"
+            )
+    return lines
+
+
+def render_results(
+    summary: dict, args: argparse.Namespace, model: dict, argv: list[str], workloads: dict[str, dict]
+) -> str:
     info = machine()
     rows = comparisons(summary, args)
     device = next(iter(summary.values()))["device"]
@@ -163,16 +279,20 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Command: `{shlex.join(['python', 'benchmarks/bench.py', *argv[1:]])}`",
         f"- Machine: {info['cpu']}" + (f"; GPU {info['gpu']}" if "gpu" in info else "; no GPU"),
+        f"- CPU: {_flags(info)}; qalign's `compute_dtype: auto` resolves to {info['cpu_auto_dtype']} on it "
+        f"(native bf16: {'yes' if info['cpu_native_bf16'] else 'no'}). **The figures below hold for this CPU**: "
+        "bf16 and 4-bit kernels differ between CPU kinds (AMX, AVX512-BF16, AVX2 only), and so does the ratio "
+        "between the tools; nothing here is promised on another CPU.",
         f"- Python {info['python']}, " + ", ".join(f"{name} {info[name]}" for name in PACKAGES),
         f"- Model: random-weight {model['architecture']} `{model['name']}`, {model['parameters'] / 1e6:.1f}M "
         f"parameters ({model['non_embedding'] / 1e6:.1f}M without the input embeddings), NF4 4-bit with double "
         f"quantization, compute in {dtype} for both tools (what qalign's `compute_dtype: auto` picks here: bf16 "
         "on a GPU or CPU that multiplies bf16 natively, else fp32); LoRA r=16, alpha 32, on every linear layer but "
         "the LM head",
-        f"- Workload: {args.steps} optimizer steps of batch {args.batch_size} x grad_accum {args.grad_accum}, "
-        f"AdamW (torch), lr 1e-4, linear schedule; one epoch of generated data, every example "
-        f"{rows[0]['qalign']['step_tokens'] // (args.batch_size * args.grad_accum * (2 if rows[0]['stage'] == 'dpo' else 1)) if rows else '?'}"
-        " tokens (prompt + response, ChatML); DPO pairs share the prompt",
+        f"- Run: {args.steps} optimizer steps of batch {args.batch_size} x grad_accum {args.grad_accum}, "
+        "AdamW (torch), lr 1e-4, linear schedule; one epoch of generated data (ChatML; DPO pairs share the "
+        "prompt), in each workload:",
+        *(f"  - {describe_workload(workload, args)}" for workload in workloads.values()),
         f"- Repetitions: {args.reps}, tools alternating which goes first, every measurement in its own process; "
         "medians",
         "",
@@ -185,16 +305,16 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
         "pass done; on a CPU the resident set's high-water mark, reset through /proc/self/clear_refs). Ratios "
         "are qalign / TRL: speed above 1 and memory below 1 favour qalign. Matched-settings modes come first.",
         "",
-        "| stage | mode | qalign tok/s | TRL tok/s | speed ratio | qalign train-only | TRL train-only "
+        "| workload | stage | mode | qalign tok/s | TRL tok/s | speed ratio | qalign train-only | TRL train-only "
         "| qalign peak MiB | TRL peak MiB | memory ratio | qalign train MiB | TRL train MiB | train memory ratio |"
         + (" qalign MFU | TRL MFU |" if device == "cuda" else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         + ("---:|---:|" if device == "cuda" else ""),
     ]
     for row in rows:
         ours, theirs = row["qalign"], row["trl"]
         line = (
-            f"| {row['stage']} | {row['mode']} | {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} | "
+            f"| {row['workload']} | {row['stage']} | {row['mode']} | {ours['tokens_per_s']:,.0f} | {theirs['tokens_per_s']:,.0f} | "
             f"**{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x** | {ours['tokens_per_s_train']:,.0f} | "
             f"{theirs['tokens_per_s_train']:,.0f} | {ours['peak_mib']:,.0f} | {theirs['peak_mib']:,.0f} | "
             f"**{ours['peak_mib'] / theirs['peak_mib']:.2f}x** | {_mib(ours)} | {_mib(theirs)} | "
@@ -206,15 +326,20 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
                 for value in (mfu(ours, model, args), mfu(theirs, model, args))
             )
         lines.append(line)
+    lines += startup_lines(rows)
     lines += [
         "",
         "## Against the targets",
+        "",
+        "On the uniform workload.",
         "",
         "| stage | mode | speed target | speed | memory | met |",
         "|---|---|---:|---:|---:|---|",
     ]
     for stage, mode, target in TARGETS:
-        row = next((r for r in rows if r["stage"] == stage and r["mode"] == mode), None)
+        row = next(
+            (r for r in rows if (r["stage"], r["mode"], r["workload"]) == (stage, mode, "uniform")), None
+        )
         if row is None:
             continue
         speed = row["qalign"]["tokens_per_s"] / row["trl"]["tokens_per_s"]
@@ -222,7 +347,12 @@ def render_results(summary: dict, args: argparse.Namespace, model: dict, argv: l
         met = "yes" if speed >= target and memory <= 1 else "**no**"
         lines.append(f"| {stage} | {mode} | {target}x | {speed:.2f}x | {memory:.2f}x | {met} |")
     lines += ["", "## Settings of each mode", "", "| stage | mode | qalign | TRL |", "|---|---|---|---|"]
+    shown = set()
     for row in rows:
+        # The same in every workload: once per stage and mode.
+        if (row["stage"], row["mode"]) in shown:
+            continue
+        shown.add((row["stage"], row["mode"]))
         lines.append(
             f"| {row['stage']} | {row['mode']} | {_settings(row['qalign']['settings'])} | "
             f"{_settings(row['trl']['settings'])} |"

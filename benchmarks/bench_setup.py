@@ -1,10 +1,14 @@
-"""The benchmark's inputs, built once per run: a random-weight model from a config, and generated data whose
-every example has the same length, so neither tool gains or loses anything on padding."""
+"""The benchmark's inputs, built once per run: a random-weight model from a config, and generated data in two
+workloads. `uniform`: every example the same length, so neither tool gains or loses anything on padding.
+`mixed`: prompt and response lengths drawn from a skewed distribution, as real data has them, so padding
+(which tokens/s does not count) costs what it costs each tool."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,31 +114,65 @@ def single_token_words(tokenizer: object) -> list[str]:
     return sorted(words)
 
 
-def write_data(folder: Path, n: int, prompt_words: int, response_words: int, seed: int = 0) -> None:
-    """sft.jsonl (conversations) and dpo.jsonl (prompt, chosen, rejected), every example the same length."""
+WORKLOADS = ("uniform", "mixed")
+# The mixed workload's prompts and responses, in tokens (each word is one): log-normal around a median of
+# MIXED_MEDIAN, clipped to MIXED_RANGE. Most are short and a few are long, so a batch pads to its longest.
+MIXED_RANGE = (8, 300)
+MIXED_MEDIAN = 48
+MIXED_SIGMA = 0.9
+
+
+def mixed_length(rng: random.Random) -> int:
+    low, high = MIXED_RANGE
+    return min(max(round(rng.lognormvariate(math.log(MIXED_MEDIAN), MIXED_SIGMA)), low), high)
+
+
+def write_data(
+    folder: Path, n: int, prompt_words: int, response_words: int, seed: int = 0, workload: str = "uniform"
+) -> dict:
+    """sft.jsonl (conversations) and dpo.jsonl (prompt, chosen, rejected): for `uniform` every prompt
+    `prompt_words` and every response `response_words` tokens long; for `mixed` each prompt, response, chosen
+    and rejected its own length (mixed_length; the word counts are unused). Returns the lengths in words: the
+    longest prompt + response (for --max-length) and the spread."""
     from transformers import AutoTokenizer
 
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload {workload!r}: one of {', '.join(WORKLOADS)}")
     words = single_token_words(AutoTokenizer.from_pretrained(TOKENIZER))
     rng = random.Random(seed)
+
+    def length(uniform: int) -> int:
+        return uniform if workload == "uniform" else mixed_length(rng)
 
     def text(k: int) -> str:
         return " ".join(rng.choice(words) for _ in range(k))
 
-    sft, dpo = [], []
+    sft, dpo, lengths = [], [], []
     for _ in range(n):
-        prompt = text(prompt_words)
+        prompt_length = length(prompt_words)
+        prompt = text(prompt_length)
+        response = length(response_words)
+        lengths.append(prompt_length + response)
         sft.append(
             {
                 "messages": [
                     {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": text(response_words)},
+                    {"role": "assistant", "content": text(response)},
                 ]
             }
         )
-        chosen, rejected = text(response_words), text(response_words)
+        chosen_length, rejected_length = length(response_words), length(response_words)
+        lengths += [prompt_length + chosen_length, prompt_length + rejected_length]
+        chosen, rejected = text(chosen_length), text(rejected_length)
         while rejected == chosen:
-            rejected = text(response_words)
+            rejected = text(rejected_length)
         dpo.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("sft", sft), ("dpo", dpo)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {
+        "workload": workload,
+        "min_words": min(lengths),
+        "median_words": statistics.median(lengths),
+        "max_words": max(lengths),
+    }

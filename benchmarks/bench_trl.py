@@ -34,20 +34,10 @@ def keep_training_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+def load_model(args: argparse.Namespace, dtype: torch.dtype, cuda: bool) -> torch.nn.Module:
+    """The 4-bit base as a TRL user loads it (transformers + bitsandbytes)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qalign.model import compute_dtype
-
-    lines = (args.data / f"{args.stage}.jsonl").read_text(encoding="utf-8").splitlines()
-    dataset = Dataset.from_list([conversational(args.stage, json.loads(line)) for line in lines])
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    cuda = torch.cuda.is_available()
-    # The compute dtype qalign picks: bf16 on a GPU or a CPU that has it, else fp32.
-    dtype = compute_dtype("auto", torch.device("cuda" if cuda else "cpu"))
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
         quantization_config=BitsAndBytesConfig(
@@ -60,6 +50,28 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         device_map={"": 0 if cuda else "cpu"},
     )
     keep_training_layout(model)
+    return model
+
+
+def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
+    with clock.phase("trl imports"):
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoTokenizer, TrainerCallback
+        from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+        from qalign.model import compute_dtype
+
+    with clock.phase("data (read)"):
+        lines = (args.data / f"{args.stage}.jsonl").read_text(encoding="utf-8").splitlines()
+        dataset = Dataset.from_list([conversational(args.stage, json.loads(line)) for line in lines])
+    with clock.phase("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    cuda = torch.cuda.is_available()
+    # The compute dtype qalign picks: bf16 on a GPU or a CPU that has it, else fp32.
+    dtype = compute_dtype("auto", torch.device("cuda" if cuda else "cpu"))
+    with clock.phase("model (load, quantize)"):
+        model = load_model(args, dtype, cuda)
     peft_config = LoraConfig(
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
@@ -116,14 +128,17 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         def on_step_end(self, *a, **k):
             clock.step_done()
 
-    trainer = Counted(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[Clock()],
-    )
+    with clock.phase("trainer setup (LoRA, tokenizing)"):
+        trainer = Counted(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[Clock()],
+        )
+    # DPOTrainer makes its reference pass while it is built; that is timed on its own (precompute_s).
+    clock.phases["trainer setup (LoRA, tokenizing)"] -= clock.precompute_s
     trainer.train()
     settings = {
         "gradient_checkpointing": config.gradient_checkpointing,

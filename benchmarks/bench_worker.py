@@ -6,6 +6,10 @@ the first `--warmup` steps are left out, and tokens are the non-padding input to
 and response; chosen and rejected both count in DPO). A reference precompute pass, where a tool makes one, is
 timed separately and its share of the run is added to the wall-clock figure.
 
+Start-up is measured apart from that steady state: seconds from the process's start (interpreter and imports
+included) to the beginning of the first optimizer step and to its end, with the stages before it that each tool
+side times (imports, model, data, the reference pass).
+
     python benchmarks/bench_worker.py --tool qalign --stage dpo --mode defaults --model M --data D --out r.json
 """
 
@@ -17,9 +21,14 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+# The fallback start-up clock where /proc/self/stat is missing (not Linux): it misses the interpreter and the
+# imports above, torch's among them.
+IMPORTED = time.perf_counter()
 
 # What each mode changes; everything else (the workload) is the same for both tools in every mode.
 MODES = ("defaults", "gc-on", "gc-off")
@@ -80,14 +89,56 @@ class StepClock:
         self.pending = 0
         self.precompute_s = 0.0
         self.baseline_mib: float | None = None
+        # Seconds since the process started, at the first step's beginning and end; the stages before it.
+        self.first_step_begins: float | None = None
+        self.first_step_ends: float | None = None
+        self.phases: dict[str, float] = {}
 
     def training_begins(self) -> None:
-        """Called as the first optimizer step starts (model loaded, any reference pass done): memory from here
-        on is what training itself costs, apart from imports, loading and the allocator's earlier state."""
+        """Called as each optimizer step starts. At the first (model loaded, any reference pass done) start-up
+        ends, and memory from there on is what training itself costs, apart from imports, loading and the
+        allocator's earlier state."""
+        if self.first_step_begins is None:
+            self.first_step_begins = process_age_s()
         if self.baseline_mib is None:
             self.baseline_mib = reset_peak_memory()
 
+    @contextmanager
+    def phase(self, name: str):
+        """Adds the time spent inside the block to start-up stage `name`."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - began
+
+    def timed(self, name: str, function):
+        """`function`, with the time spent in its calls added to start-up stage `name`."""
+
+        def wrapper(*args, **kwargs):
+            with self.phase(name):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    def startup(self) -> dict:
+        """Start-up: to the first step's beginning and through its end; the timed stages in order, with what
+        they leave unaccounted as `other` (for the reference pass, see precompute_s)."""
+        phases = dict(self.phases)
+        if self.precompute_s:
+            phases["reference pass"] = self.precompute_s
+        if self.first_step_begins is not None:
+            phases["other"] = max(self.first_step_begins - sum(phases.values()), 0.0)
+        return {
+            "startup_s": self.first_step_begins,
+            "first_step_s": self.first_step_ends,
+            "startup_clock": STARTUP_CLOCK,
+            "phases": phases,
+        }
+
     def step_done(self, tokens: int | None = None) -> None:
+        if self.first_step_ends is None:
+            self.first_step_ends = process_age_s()
         self.ends.append(time.perf_counter())
         self.tokens.append(self.pending if tokens is None else tokens)
         self.pending = 0
@@ -110,6 +161,30 @@ class StepClock:
             "tokens_per_s": tokens / (timed_s + share),
             "step_tokens": self.tokens,
         }
+
+
+def _proc_age_s() -> float | None:
+    """Seconds since this process started: its start time in /proc/self/stat (clock ticks since boot) against
+    the boot clock. None where Linux's /proc is missing."""
+    try:
+        # The command name (field 2) may hold spaces; fields after it are plain. Field 22 is the start time.
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+STARTUP_CLOCK = (
+    "its start time in /proc/self/stat"
+    if _proc_age_s() is not None
+    else "the end of bench_worker's imports: the interpreter's start and torch's import are not counted"
+)
+
+
+def process_age_s() -> float:
+    """Seconds since the process started (see STARTUP_CLOCK for where that is measured from)."""
+    age = _proc_age_s()
+    return age if age is not None else time.perf_counter() - IMPORTED
 
 
 def peak_memory_mib() -> tuple[float, str]:
@@ -154,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     clock = StepClock()
+    clock.phases["interpreter, torch import"] = process_age_s()
     started = time.perf_counter()
     if args.tool == "qalign":
         from bench_qalign import run_qalign
@@ -184,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         **clock.summary(args.warmup, args.steps),
+        **clock.startup(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
