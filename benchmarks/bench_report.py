@@ -37,7 +37,7 @@ LEVER_TEXT = {
     **LEVERS,
     "precompute-reference": "reference log-probs precomputed once per dataset (off: dpo.reference=live, every step)",
     "gradient-checkpointing": "gradient checkpointing (off: gc-off); a memory lever, not a speed one",
-    "compute-dtype": "compute dtype auto, bf16 on this CPU (off: model.compute_dtype=fp32)",
+    "compute-dtype": "compute dtype auto, bf16 where the CPU multiplies it natively (off: model.compute_dtype=fp32)",
 }
 
 
