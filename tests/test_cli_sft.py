@@ -1,4 +1,5 @@
-"""End to end: the real `qalign` command on tiny 4-bit models, in subprocesses, as a user runs it."""
+"""End to end: the `qalign` command on tiny 4-bit models, as a user runs it. Most runs are in-process (imports
+and model loads are paid once per test session); signals, kills and the entry point itself use real processes."""
 
 from __future__ import annotations
 
@@ -15,11 +16,43 @@ import yaml
 from conftest import write_jsonl, write_recipe
 
 QALIGN = [sys.executable, "-m", "qalign"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {**os.environ, **OFFLINE}
+
+
+def qalign_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m qalign ARGS` in a real process: for what only a process shows (exit status, every line on stderr)."""
+    return subprocess.run([*QALIGN, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def qalign(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*QALIGN, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    """`qalign ARGS` run in this process from `cwd`, answered as `qalign_process` answers: exit code, stdout, stderr.
+
+    An exception that escapes the command is raised here rather than turned into exit code 1, so a traceback can
+    never pass for a clean error. Warnings are written to stderr, as the real process would print them."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from qalign.cli import app
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings():
+            # Python's default filters plus the CLI's own (pytest replaces both for the duration of a test).
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.showwarning = show
+            result = CliRunner().invoke(app, list(args), env=OFFLINE, catch_exceptions=False)
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -214,8 +247,9 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, tiny_model)
         (["--set", "model.base=./no-such-model"], "model.base"),
         (["--set", "sft.data.train=data/missing.jsonl"], "data/missing.jsonl"),
     ]
-    for extra, expected in cases:
-        result = qalign("sft", str(recipe), *extra, cwd=tmp_path)
+    # The first through a real process: nothing at all (a warning, a library's log line) reaches its stderr.
+    for run, (extra, expected) in zip([qalign_process, qalign, qalign, qalign], cases, strict=True):
+        result = run("sft", str(recipe), *extra, cwd=tmp_path)
         assert result.returncode == 2, (extra, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -189,9 +189,8 @@ def test_recipe_validation_raises_only_user_errors(tmp_path_factory, raw):
 
 def test_metrics_file_survives_a_torn_last_line(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path, tiny_model("llama"), max_steps=3, save_every=1)
-    proc = subprocess.Popen([*QALIGN, "sft", str(recipe), "--set", "sft.max_steps=3"], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    proc.communicate()
+    first = qalign("sft", str(recipe), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
     metrics_file = tmp_path / "runs" / "tiny" / "sft" / "metrics.jsonl"
     import shutil
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import add_dpo, write_recipe
-from test_cli_sft import ENV, QALIGN, qalign, wait_for
+from test_cli_sft import ENV, QALIGN, qalign, qalign_process, wait_for
 
 from qalign.layout import StagePaths
 from qalign.trackers import Trackers
@@ -145,7 +145,9 @@ def test_a_killed_run_resumes_into_the_same_tensorboard_log_without_duplicates_o
     proc.kill()
     proc.communicate()
 
-    resumed = qalign("sft", str(recipe), cwd=tmp_path)
+    # A real process: event files are read in name order (seconds, then pid), and a resume in this process can
+    # open its file in the killed child's second with a lower pid, so it would be read first.
+    resumed = qalign_process("sft", str(recipe), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert [r["step"] for r in records(stage)] == list(range(1, 41))
