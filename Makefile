@@ -40,8 +40,8 @@ demo-assets: install
 	$(BIN)/python scripts/demo_task.py
 	$(BIN)/python scripts/build_demo_model.py
 
-# qalign against TRL on the same machine (about 16 minutes on 2 CPU cores before the mixed-length workload
-# was added, which adds 8 measurements to the 22 of a repetition); writes benchmarks/RESULTS.md.
+# qalign against TRL on the same machine; writes benchmarks/RESULTS.md. On a 2-core Intel Xeon, 30 minutes without
+# the lever runs (BENCH_ARGS=--no-levers: 20 measurements a repetition, 3 repetitions); the levers add 11 more.
 # The bench extra installs without touching torch: the installed version is pinned for pip's resolver.
 bench: install
 	$(BIN)/pip install --quiet -e ".[bench]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
