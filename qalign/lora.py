@@ -59,12 +59,12 @@ def tune_lora_layers(model: torch.nn.Module, compute_dtype: torch.dtype) -> None
 class _LoraOn4bit(torch.autograd.Function):
     """y = x W^T (+ bias) + s * dropout(x) A^T B^T for a frozen 4-bit W, as one autograd node.
 
-    peft runs this as six: the base matmul, a defensive clone of its output, the dropout, A, B, a scaling
-    multiply and an add, each a pass over an activation-sized tensor, forward and again backward. Here the
-    scaling (the dropout's rescale folded in) rides on the B matmul's alpha and the add is that matmul's
-    beta, so the only full-size tensors are the output and, with dropout, one masked copy of the input. It
-    also saves less for backward: the input itself (which q/k/v or gate/up share) and a bool mask, not one
-    dropped-out copy per adapter; backward masks the input again. The base's gradient path dequantizes W
+    peft runs this as seven operations: the base matmul, a defensive clone of its output, the dropout, A, B, a
+    scaling multiply and an add, each but A and B a pass over an activation-sized tensor, forward and again
+    backward. Here the scaling (the dropout's rescale folded in) rides on the B matmul's alpha and the add is
+    that matmul's beta, so the only full-size tensors are the output and, with dropout, one masked copy of the
+    input. It also saves less for backward: the input itself (which q/k/v or gate/up share) and its keep bits,
+    not one dropped-out copy per adapter; backward masks the input again. The base's gradient path dequantizes W
     again, as bitsandbytes' own matmul does, and skips it when the input needs no gradient."""
 
     @staticmethod
@@ -129,12 +129,12 @@ def _dequantized(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def _fusable_call(layer: torch.nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     """The one adapter a call may run through _LoraOn4bit, or None where peft's own forward must run: not on
-    a CPU, adapters off or merged, several adapters or a variant (DoRA), mixed-batch adapter names, autocast to another dtype, a base whose
-    compute dtype or CPU inference packing differs from what _dequantized assumes, a trainable bias."""
+    a CPU, adapters off or merged, several adapters or a variant (DoRA), mixed-batch adapter names, autocast to
+    another dtype, a base whose compute dtype or CPU inference packing differs from what _dequantized assumes,
+    a trainable bias."""
     if args or kwargs or layer.disable_adapters or layer.merged or x.device.type != "cpu":
         return None
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != x.dtype:
         return None
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
