@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from qalign.atomic import atomic_write_text
 from qalign.errors import UserError
@@ -77,6 +79,7 @@ class TensorBoard(Tracker):
 
         # purge_step hides what an interrupted attempt wrote past the checkpoint; those steps are logged again.
         purge = resume_step + 1 if resume_step else None
+        _after_earlier_logs(self.paths.tensorboard)
         self.writer = SummaryWriter(str(self.paths.tensorboard), purge_step=purge)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -87,6 +90,23 @@ class TensorBoard(Tracker):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _after_earlier_logs(folder: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with the second the file was
+    created in, then the host and the process id: an attempt that starts in the same second as the one it
+    resumes, with a process id that sorts lower, would be read first and its steps hidden by the older file's.
+    Waiting into the next second (under a second, once per attempt) puts it after every earlier one."""
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*") if _stamped(p.name)]
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+
+
+def _stamped(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 3 and parts[3].isdigit()
 
 
 class WandB(Tracker):

@@ -145,14 +145,34 @@ def test_a_killed_run_resumes_into_the_same_tensorboard_log_without_duplicates_o
     proc.kill()
     proc.communicate()
 
-    # A real process: event files are read in name order (seconds, then pid), and a resume in this process can
-    # open its file in the killed child's second with a lower pid, so it would be read first.
+    # A real process, as a user resumes. Event files are read in name order (second, host, pid): the tracker
+    # waits into a new second so the resume's file follows the killed attempt's even with a lower pid.
     resumed = qalign_process("sft", str(recipe), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     assert [r["step"] for r in records(stage)] == list(range(1, 41))
     assert_same_as_metrics(stage)
     assert len(list((stage / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def test_a_resumed_attempt_event_file_sorts_after_the_earlier_ones(tmp_path):
+    """TensorBoard reads event files in name order (second, host, process id): an earlier attempt's file from this
+    very second, with a process id that sorts after ours, must still come first."""
+    import socket
+
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imported now: open() follows at once)
+
+    paths = StagePaths(tmp_path / "sft")
+    paths.tensorboard.mkdir(parents=True)
+    # Stamped a second ahead, so that without the tracker's wait ours would share or precede its second.
+    stamp = int(time.time()) + 1
+    earlier = paths.tensorboard / f"events.out.tfevents.{stamp}.{socket.gethostname()}.999999999.0"
+    earlier.write_bytes(b"")
+    trackers = Trackers(["tensorboard"], paths)
+    trackers.open(3)
+    trackers.close()
+    names = sorted(p.name for p in paths.tensorboard.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and names[0] == earlier.name
 
 
 def test_tensorboard_resume_hides_the_steps_past_the_checkpoint(tmp_path):
@@ -163,7 +183,7 @@ def test_tensorboard_resume_hides_the_steps_past_the_checkpoint(tmp_path):
     for step in range(1, 6):
         first.log({"step": step, "loss": float(step), "skipped": False}, step)
     first.close()
-    time.sleep(1.1)  # event file names carry the second they were created in: keep the two apart
+    # No pause here: the tracker itself keeps the second attempt's event file after the first one's.
     second = Trackers(["tensorboard"], paths)
     second.open(3)
     for step in range(4, 8):
