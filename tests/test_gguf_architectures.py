@@ -168,6 +168,16 @@ SPM_TEXTS = [
 ]
 
 
+def spm_logits(model: Path, path: Path, quant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(transformers' logits, llama.cpp's) over all the SentencePiece texts, twice (long enough that top-1
+    agreement does not hang on one near-tie of a random model), with `model` exported to `path` as `quant`."""
+    from transformers import AutoTokenizer
+
+    export_gguf(model, path, quant, Progress())
+    ids = AutoTokenizer.from_pretrained(model)(" ".join(SPM_TEXTS * 2))["input_ids"]
+    return _transformers_logits(model, ids), _llama_cpp_logits(path, ids)[0]
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_model(tmp_path_factory) -> Path:
     """A tiny Llama with a tokenizer laid out as transformers converts SentencePiece ones (Llama 2, Mistral):
@@ -299,14 +309,7 @@ def test_phi3_fused_tensors(phi3_model, tmp_path):
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_phi3_through_llama_cpp(phi3_model, tmp_path, quant):
     pytest.importorskip("llama_cpp")
-    from transformers import AutoTokenizer
-
-    path = tmp_path / f"phi3-{quant}.gguf"
-    export_gguf(phi3_model, path, quant, Progress())
-    # All the texts: top-1 agreement over a dozen positions of a random model would hang on one near-tie.
-    ids = AutoTokenizer.from_pretrained(phi3_model)(" ".join(SPM_TEXTS * 2))["input_ids"]
-    want = _transformers_logits(phi3_model, ids)
-    got, _ = _llama_cpp_logits(path, ids)
+    want, got = spm_logits(phi3_model, tmp_path / f"phi3-{quant}.gguf", quant)
     if quant == "f32":
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
     else:
