@@ -31,6 +31,7 @@ from qalign.errors import UserError
 from qalign.template_text import (
     REFUSALS,
     apply,
+    check_tools_shown,
     closing_text,
     prefix_prompt,
     render_prompt_text,
@@ -130,6 +131,7 @@ def render_conversation(
     space after Phi's "<|assistant|>", tokenizes differently once the history is tokenized whole) is left
     untrained and listed in `apart`, for `render_rows` to train in a row of its own."""
     spelled, full = render_spelled(tokenizer, messages, tools)
+    check_tools_shown(spelled, full)
     trained = [
         i
         for i, m in enumerate(spelled)

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from qalign.data import Row
 
 ROLES = ("system", "user", "assistant", "tool")
+# OpenAI's legacy function calling: a "function" turn is a tool result (its "name" kept), answering an
+# assistant turn's single "function_call".
+ROLE_ALIASES = {"function": "tool"}
 SHAREGPT_ROLES = {
     "system": "system",
     "function_call": "assistant",
@@ -134,12 +137,20 @@ def parse_messages(turns: list, where: str, key: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise UserError(f"{where}: {name} must be an object with 'role' and 'content'")
         role = _require(turn, "role", str, where, f"{name}.role")
+        role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
-            raise UserError(f"{where}: {name}.role '{role}' is not one of {', '.join(ROLES)}")
+            known = ", ".join((*ROLES, *ROLE_ALIASES))
+            raise UserError(f"{where}: {name}.role '{role}' is not one of {known}")
         message: dict = {"role": role}
         if role == "assistant" and turn.get("tool_calls"):
             message["content"] = _optional_text(turn, "content", where, f"{name}.content")
             message["tool_calls"] = _tool_calls(turn["tool_calls"], where, f"{name}.tool_calls")
+        elif role == "assistant" and turn.get("function_call"):
+            call = turn["function_call"]
+            if isinstance(call, dict):  # the legacy call carries no id; pair it with its result by one
+                call = {"id": call_id(where, i, 0), "function": call}
+            message["content"] = _optional_text(turn, "content", where, f"{name}.content")
+            message["tool_calls"] = _tool_calls([call], where, f"{name}.function_call")
         else:
             message["content"] = _require(turn, "content", str, where, f"{name}.content")
         if role == "assistant" and isinstance(turn.get("reasoning_content"), str):
@@ -149,6 +160,7 @@ def parse_messages(turns: list, where: str, key: str) -> list[dict]:
                 if isinstance(turn.get(extra), str):
                     message[extra] = turn[extra]
         messages.append(message)
+    _answer_calls(messages)
     return messages
 
 
@@ -248,14 +260,16 @@ def call_id(where: str, turn: int, call: int) -> str:
 
 
 def _answer_calls(messages: list[dict]) -> None:
-    """ShareGPT observations answer the calls before them in order: each takes its call's id."""
+    """Tool results answer the calls before them in order: one without an id (a ShareGPT observation, an
+    OpenAI legacy function turn) takes its call's."""
     pending: list[dict] = []
     for message in messages:
         if message.get("tool_calls"):
             pending = list(message["tool_calls"])
         elif message["role"] == "tool" and pending:
             call = pending.pop(0)
-            message.setdefault("tool_call_id", call["id"])
+            if "id" in call:
+                message.setdefault("tool_call_id", call["id"])
         elif message["role"] != "tool":
             pending = []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qalign.conversation import Conversation as Conversation
@@ -189,6 +189,8 @@ class DataReport:
     """Rows with "tools" that the chat template does not render."""
     trained_tokens: int = 0
     lengths: list[int] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(why, where) for each row left out before rendering (HH-RLHF rows with an empty or missing turn)."""
 
     def percentiles(self) -> dict[str, int]:
         lengths = sorted(self.lengths or [])
@@ -201,6 +203,12 @@ class DataReport:
 
     def warnings(self, stage: str) -> list[str]:
         out = []
+        reasons: dict[str, list[str]] = {}
+        for why, where in self.skipped:
+            reasons.setdefault(why, []).append(where)
+        for why, wheres in reasons.items():
+            named = ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
+            out.append(f"{self.source}: left out {len(wheres)} of {self.rows} rows: {why} ({named})")
         if self.dropped_overlong:
             out.append(
                 f"{self.source}: dropped {self.dropped_overlong} of {self.rows} rows longer than "

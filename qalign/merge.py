@@ -363,11 +363,14 @@ def run_merge(
     conversations = []
     stage_spec = getattr(recipe, adapter.parent.name)
     try:
+        from qalign.stage_data import shape_rows
+
         rows = read_rows(stage_spec.data.train, stage_spec.data.train_split)[:4]
+        rows, fmt, _, _ = shape_rows(adapter.parent.name, stage_spec.data, rows, stage_spec.data.train)
         if adapter.parent.name == "sft":
             from qalign.data import detect_format
 
-            fmt = detect_format(rows, stage_spec.data.format)
+            fmt = detect_format(rows, fmt)
             conversations = [to_messages(row, fmt) for row in rows]
         else:
             from qalign.dpo import split_preference

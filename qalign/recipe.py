@@ -10,7 +10,7 @@ import difflib
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -109,11 +109,53 @@ class DataSpec(_Section):
         description="Held-out data in the same forms as train, evaluated every eval_every steps and at the "
         "end; null: no evaluation.",
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
-        "auto", description="Row format; auto picks it from the first row's keys."
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hh_rlhf"] = Field(
+        "auto",
+        description="Row format; auto picks it from the first row's keys. hh_rlhf: the `chosen` text of an "
+        "HH-RLHF pair (turns marked `Human:` / `Assistant:`), every Assistant turn trained.",
     )
     train_split: str = Field("train", description="Split to read when `train` is a hub dataset id.")
     eval_split: str = Field("test", description="Split to read when `eval` is a hub dataset id.")
+    columns: dict[str, str] = Field(
+        {},
+        description="The dataset's own column names for the fields the format reads, as field: column, e.g. "
+        "`{instruction: q, output: a}` or `{messages: conversation}`; applied to train and eval rows before "
+        "the format is picked. Only top-level columns are mapped (not the role/content or from/value keys "
+        "inside a conversation); the mapped column is read instead of any column already named like the "
+        "field (said at the start), and no two fields may read one column. Fields: messages, conversations, "
+        "system, instruction, input, output, prompt, completion, chosen, tools.",
+    )
+
+    # The fields `columns` may map: those the stage's formats read.
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "messages", "conversations", "system", "instruction", "input", "output", "prompt", "completion",
+        "chosen", "tools",
+    )  # fmt: skip
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        for field, column in value.items():
+            if field not in cls.FIELDS:
+                close = difflib.get_close_matches(field, cls.FIELDS, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise PydanticCustomError(
+                    "unknown_field",
+                    f"unknown field '{field}'; {hint}the fields are: {', '.join(cls.FIELDS)}",
+                )
+            if not column.strip():
+                raise PydanticCustomError("empty_column", f"'{field}' names no column")
+        readers: dict[str, str] = {}
+        for field, column in value.items():
+            if column in readers:
+                # One column cannot be two things: a prompt that is also the completion trains on the prompt.
+                raise PydanticCustomError(
+                    "shared_column",
+                    f"'{readers[column]}' and '{field}' both read column '{column}'; map each field to its own "
+                    "column",
+                )
+            readers[column] = field
+        return value
 
 
 _POSITIVE_INT = TypeAdapter(Annotated[int, Field(gt=0)])
@@ -214,11 +256,22 @@ class SftSpec(TrainSpec):
 class DpoDataSpec(DataSpec):
     """Where the preference pairs come from."""
 
-    format: Literal["auto", "preference"] = Field(
+    format: Literal["auto", "preference", "hh_rlhf"] = Field(
         "auto",
-        description="Both values read a row the same way: prompt/chosen/rejected as strings, or chosen/rejected "
-        "as full conversations sharing the prompt turns.",
+        description="preference: prompt/chosen/rejected as strings, or chosen/rejected as full conversations "
+        "sharing the prompt turns. hh_rlhf: chosen/rejected as HH-RLHF texts (turns marked `Human:` / "
+        "`Assistant:`), split into turns. auto: hh_rlhf when the first row's chosen is such a text and it has "
+        "no prompt, else preference.",
     )
+    columns: dict[str, str] = Field(
+        {},
+        description="The dataset's own column names for the fields a pair is read from, as field: column, e.g. "
+        "`{prompt: question, chosen: response_j, rejected: response_k}`; applied to train and eval rows before "
+        "the format is picked. The mapped column is read instead of any column already named like the field "
+        "(said at the start), and no two fields may read one column. Fields: prompt, chosen, rejected, tools.",
+    )
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected", "tools")
 
 
 class DpoSpec(TrainSpec):

@@ -72,6 +72,9 @@ def _annotation_text(annotation: Any) -> str:
         return " | ".join(str(value) for value in get_args(annotation))
     if get_origin(annotation) is list:
         return f"list[{_annotation_text(get_args(annotation)[0])}]"
+    if get_origin(annotation) is dict:
+        key, value = get_args(annotation)
+        return f"map {_annotation_text(key)} -> {_annotation_text(value)}"
     args = get_args(annotation)
     if args:  # a union
         return " | ".join(_annotation_text(arg) for arg in args)

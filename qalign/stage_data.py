@@ -6,10 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from qalign.data import DataReport, read_rows
+from qalign.data import DataReport, Row, read_rows
 from qalign.errors import UserError
 from qalign.progress import Progress
-from qalign.recipe import Recipe, TrainSpec
+from qalign.recipe import DataSpec, Recipe, TrainSpec
 
 
 @dataclass
@@ -40,21 +40,51 @@ def describe_report(report: DataReport) -> str:
     )
 
 
+def shape_rows(
+    name: str, data: DataSpec, rows: list[Row], source: str
+) -> tuple[list[Row], str, list[str], list[tuple[str, str]]]:
+    """The rows as the stage's formats read them: `data.columns` applied, HH-RLHF texts split into turns.
+    Returns (rows, the format for prepare_sft, notes on shadowed columns, (why, where) of rows left out)."""
+    from qalign.columns import map_columns
+    from qalign.hh_rlhf import convert, looks_like_hh
+
+    rows, notes = map_columns(rows, data.columns, f"{name}.data.columns")
+    fmt = data.format
+    if fmt == "hh_rlhf" or (fmt == "auto" and looks_like_hh(rows[0], name)):
+        rows, skipped = convert(rows, name, f"{name}.data.format")
+        if not rows:
+            why = skipped[0][0]
+            raise UserError(
+                f"{source}: every row is left out ({len(skipped)}; the first, {skipped[0][1]}: {why})"
+            )
+        return rows, "messages", notes, skipped
+    return rows, fmt, notes, []
+
+
 def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Progress) -> StageData:
     """The `name` stage's train and eval examples, every row checked; the reports printed."""
     spec: TrainSpec | None = getattr(recipe, name)
     if spec is None:
         raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
 
+    notes: set[str] = set()
+
     def prepare(source: str, split: str) -> tuple[list, DataReport]:
-        rows = read_rows(source, split)
+        rows, fmt, shadowed, skipped = shape_rows(name, spec.data, read_rows(source, split), source)
+        for note in sorted(set(shadowed) - notes):
+            progress.info(note)
+        notes.update(shadowed)
         if name == "sft":
             from qalign.sft import prepare_sft
 
-            return prepare_sft(rows, spec.data.format, tokenizer, spec.max_length, spec.overlong, source)
-        from qalign.dpo import prepare_dpo
+            examples, report = prepare_sft(rows, fmt, tokenizer, spec.max_length, spec.overlong, source)
+        else:
+            from qalign.dpo import prepare_dpo
 
-        return prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
+            examples, report = prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
+        report.rows += len(skipped)
+        report.skipped = skipped
+        return examples, report
 
     from qalign.chat_template import describe_template
 

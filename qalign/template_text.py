@@ -45,6 +45,28 @@ def ignores_tools(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tool
     return text == apply(tokenizer, spelled)
 
 
+def check_tools_shown(spelled: list[dict], text: str) -> None:
+    """Every tool call's name and every tool result's text appear in the rendered conversation. Templates that
+    know only system, user and assistant turns (Phi-3.5's, OLMo-2's) drop the others without a word, and a
+    reply trained after a result the model never sees teaches it to make results up."""
+    hint = "use a model whose template renders them, or set model.chat_template to one that does"
+    for turn, message in enumerate(spelled):
+        for call in message.get("tool_calls") or []:
+            if call["function"]["name"] not in text:
+                raise UserError(
+                    f"turn {turn} (assistant): this model's chat template does not show tool calls ({hint})"
+                )
+        content = (message.get("content") or "").strip()
+        if message["role"] == "tool" and content:
+            # A template may write the result as a JSON string (escaped quotes and newlines).
+            escaped = json.dumps(content, ensure_ascii=False)[1:-1]
+            if content not in text and escaped not in text:
+                raise UserError(
+                    f"turn {turn} (tool): this model's chat template does not show tool results: the result is "
+                    f"missing from the rendered conversation ({hint})"
+                )
+
+
 def spellings(messages: list[dict]) -> list[list[dict]]:
     """The conversation as each template family expects tool calls, most common first. Without tool calls
     there is one spelling: the messages as they are."""
