@@ -165,7 +165,7 @@ def detect_format(rows: list[Row], fmt: str, key: str = "data.format") -> str:
     expected = "; ".join(f"{name} ({', '.join(keys)})" for name, keys in FORMAT_KEYS.items())
     raise UserError(
         f"{first.where}: cannot tell the data format from keys {sorted(first.data)}; expected {expected}, "
-        f"or set {key}"
+        f"or set {key}; map columns of other names with {key.rsplit('.', 1)[0]}.columns"
     )
 
 

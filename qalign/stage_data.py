@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from qalign.data import DataReport, Row, read_rows
+from qalign.data import FORMAT_KEYS, DataReport, Row, read_rows
 from qalign.errors import UserError
 from qalign.progress import Progress
 from qalign.recipe import DataSpec, Recipe, TrainSpec
@@ -53,11 +53,16 @@ def shape_rows(
     if fmt == "hh_rlhf" or (fmt == "auto" and looks_like_hh(rows[0], name)):
         rows, skipped = convert(rows, name, f"{name}.data.format")
         if not rows:
-            why = skipped[0][0]
-            raise UserError(
-                f"{source}: every row is left out ({len(skipped)}; the first, {skipped[0][1]}: {why})"
-            )
+            why, where = skipped[0]
+            raise UserError(f"{source}: all {len(skipped)} rows are left out; the first, {where}: {why}")
         return rows, "messages", notes, skipped
+    # Only when the row lacks what the named format reads (string pairs read a prompt).
+    needs = FORMAT_KEYS.get(fmt, ("prompt",))
+    if fmt != "auto" and looks_like_hh(rows[0], name) and not all(k in rows[0].data for k in needs):
+        raise UserError(
+            f"{rows[0].where}: 'chosen' is an HH-RLHF text (turns marked Human: / Assistant:) but "
+            f"{name}.data.format is {fmt}; set it to hh_rlhf or auto"
+        )
     return rows, fmt, notes, []
 
 

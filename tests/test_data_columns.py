@@ -149,6 +149,7 @@ def test_validate_maps_train_and_eval_columns_and_a_missing_one_exits_2(tmp_path
         write_jsonl(tmp_path / "data" / f"{name}.jsonl", rows)
     result = qalign("validate", str(recipe), cwd=tmp_path)
     assert result.returncode == 2 and "cannot tell the data format" in result.stderr
+    assert "map columns of other names with sft.data.columns" in result.stderr
     data = yaml.safe_load(recipe.read_text())
     data["sft"]["data"]["columns"] = {"prompt": "question", "completion": "reply"}
     recipe.write_text(yaml.safe_dump(data))

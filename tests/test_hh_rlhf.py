@@ -103,7 +103,7 @@ def test_damaged_rows_are_left_out_with_their_reason_and_named():
     )
     assert "hh.jsonl: left out 1 of 7 rows: a Human turn in 'chosen' is empty (hh.jsonl:3)" in lines
     with pytest.raises(
-        UserError, match=r"^hh.jsonl: every row is left out \(1; the first, hh.jsonl:2: its final"
+        UserError, match=r"^hh.jsonl: all 1 rows are left out; the first, hh.jsonl:2: its final"
     ):
         shape_rows("dpo", data_spec("dpo"), rows[1:2], "hh.jsonl")
 
@@ -118,6 +118,11 @@ def test_the_explicit_format_refuses_a_row_that_is_not_hh():
     assert shape_rows("dpo", data_spec("dpo"), plain, "p.jsonl")[0] == plain
     with pytest.raises(UserError, match=r"'rejected' is not an HH-RLHF text"):
         shape_rows("dpo", data_spec("dpo", "hh_rlhf"), plain, "p.jsonl")
+    # And HH texts read as another format say which format they are.
+    for stage, fmt in (("dpo", "preference"), ("sft", "messages")):
+        with pytest.raises(UserError, match=rf"^hh.jsonl:1: 'chosen' is an HH-RLHF text .* but {stage}.data.format "
+                           rf"is {fmt}; set it to hh_rlhf or auto$"):  # fmt: skip
+            shape_rows(stage, data_spec(stage, fmt), rows[:1], "hh.jsonl")
 
 
 def test_sft_trains_the_chosen_conversation():
