@@ -145,7 +145,7 @@ def test_csv_and_parquet_rows_are_mapped_too(tmp_path):
 def test_validate_maps_train_and_eval_columns_and_a_missing_one_exits_2(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path, tiny_model("llama"))
     for name, n in (("train", 8), ("eval", 4)):
-        rows = [{"question": f"What is {i} + 1?", "reply": f"It is {i + 1}."} for i in range(n)]
+        rows = [{"question": f"What is {i} + 1?", "reply": f"It is {i + 1}.", "prompt": ""} for i in range(n)]
         write_jsonl(tmp_path / "data" / f"{name}.jsonl", rows)
     result = qalign("validate", str(recipe), cwd=tmp_path)
     assert result.returncode == 2 and "cannot tell the data format" in result.stderr
@@ -156,6 +156,9 @@ def test_validate_maps_train_and_eval_columns_and_a_missing_one_exits_2(tmp_path
     result = qalign("validate", str(recipe), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "8 of 8 rows kept" in result.stdout and "4 of 4 rows kept" in result.stdout
+    # The data's own (empty) prompt column is not read, and that is said once, not once per file.
+    note = "sft.data.columns.prompt: reads column 'question'; the data's own 'prompt' column is not used"
+    assert " ".join(result.stdout.split()).count(note) == 1
 
     write_jsonl(tmp_path / "data" / "eval.jsonl", [{"question": "1 + 1?", "answer": "2."}])
     result = qalign("validate", str(recipe), cwd=tmp_path)
