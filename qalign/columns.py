@@ -1,10 +1,31 @@
-"""`data.columns`: a dataset's own column names mapped onto the fields its format reads, before anything else
-looks at the rows, so `format: auto`, every format's checks and their error messages see the format's names."""
+"""`data.columns`: a dataset's own column names mapped onto the fields its format reads, before anything
+else looks at the rows, so `format: auto`, every format's checks and their errors see the format's names."""
 
 from __future__ import annotations
 
+import difflib
+
 from qalign.data import Row
 from qalign.errors import UserError
+
+
+def mapping_problem(columns: dict[str, str], fields: tuple[str, ...]) -> str | None:
+    """What is wrong with a recipe's `data.columns` (field: column), given the fields the stage reads."""
+    for field, column in columns.items():
+        if field not in fields:
+            close = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            return f"unknown field '{field}'; {hint}the fields are: {', '.join(fields)}"
+        if not column.strip():
+            return f"'{field}' names no column"
+    readers: dict[str, str] = {}
+    for field, column in columns.items():
+        if column in readers:
+            # One column cannot be two things: a prompt that is also the completion trains on the prompt.
+            first = readers[column]
+            return f"'{first}' and '{field}' both read column '{column}'; map each field to its own column"
+        readers[column] = field
+    return None
 
 
 def map_columns(rows: list[Row], columns: dict[str, str], key: str) -> tuple[list[Row], list[str]]:

@@ -1,6 +1,6 @@
 """Anthropic's HH-RLHF layout: each side of a pair is one text, its turns marked "\\n\\nHuman:" and
-"\\n\\nAssistant:". Split into messages, a pair becomes two whole conversations whose shared turns are the prompt
-(the layout `dpo.split_preference` already reads), and an SFT row becomes its `chosen` conversation.
+"\\n\\nAssistant:". Split into messages, a pair becomes two whole conversations whose shared turns are the
+prompt (the layout `dpo.split_preference` already reads), and an SFT row becomes its `chosen` conversation.
 
 The published dataset has rows no conversation can be made of: an empty turn, a final Assistant turn with
 nothing in it, two turns of one speaker in a row, sides that differ before their last turn, or chosen equal to
@@ -32,7 +32,7 @@ def is_hh_text(value: object) -> bool:
 
 
 def looks_like_hh(row: Row, stage: str) -> bool:
-    """`format: auto`'s test: chosen is an HH text, and the row has no prompt (and, for DPO, a rejected text)."""
+    """`format: auto`'s test: chosen is an HH text and the row has no prompt (for DPO, rejected is a text)."""
     data = row.data
     if not is_hh_text(data.get("chosen")) or "prompt" in data:
         return False
@@ -73,8 +73,8 @@ def convert(rows: list[Row], stage: str, key: str) -> tuple[list[Row], list[tupl
             if not is_hh_text(data.get(side)):
                 got = type(data.get(side)).__name__ if side in data else "nothing"
                 raise UserError(
-                    f"{row.where}: '{side}' is not an HH-RLHF text (one string starting with 'Human:', got {got}); "
-                    f"{key} is hh_rlhf for this data: set it to the data's format"
+                    f"{row.where}: '{side}' is not an HH-RLHF text (one string starting with 'Human:', got "
+                    f"{got}); {key} is hh_rlhf for this data: set it to the data's format"
                 )
         try:
             turns = [split_turns(data[side], side) for side in sides]

@@ -135,26 +135,11 @@ class DataSpec(_Section):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        for field, column in value.items():
-            if field not in cls.FIELDS:
-                close = difflib.get_close_matches(field, cls.FIELDS, n=1, cutoff=0.6)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise PydanticCustomError(
-                    "unknown_field",
-                    f"unknown field '{field}'; {hint}the fields are: {', '.join(cls.FIELDS)}",
-                )
-            if not column.strip():
-                raise PydanticCustomError("empty_column", f"'{field}' names no column")
-        readers: dict[str, str] = {}
-        for field, column in value.items():
-            if column in readers:
-                # One column cannot be two things: a prompt that is also the completion trains on the prompt.
-                raise PydanticCustomError(
-                    "shared_column",
-                    f"'{readers[column]}' and '{field}' both read column '{column}'; map each field to its own "
-                    "column",
-                )
-            readers[column] = field
+        from qalign.columns import mapping_problem
+
+        problem = mapping_problem(value, cls.FIELDS)
+        if problem:
+            raise PydanticCustomError("columns", problem)
         return value
 
 

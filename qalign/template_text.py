@@ -62,8 +62,8 @@ def check_tools_shown(spelled: list[dict], text: str) -> None:
             escaped = json.dumps(content, ensure_ascii=False)[1:-1]
             if content not in text and escaped not in text:
                 raise UserError(
-                    f"turn {turn} (tool): this model's chat template does not show tool results: the result is "
-                    f"missing from the rendered conversation ({hint})"
+                    f"turn {turn} (tool): this model's chat template does not show tool results: the result "
+                    f"is missing from the rendered conversation ({hint})"
                 )
 
 
