@@ -165,3 +165,19 @@ def test_validate_maps_train_and_eval_columns_and_a_missing_one_exits_2(tmp_path
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "eval.jsonl:1: column 'reply' (sft.data.columns.completion) is missing; the row has: question, " \
            "answer" in result.stderr  # fmt: skip
+
+
+def test_the_readmes_data_snippets_are_valid_recipes(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```")[0] for b in readme.split("```yaml\n")[1:]]
+    snippets = [yaml.safe_load(b) for b in blocks if "columns:" in b or "format: hh_rlhf" in b]
+    assert len(snippets) == 2
+    for snippet in snippets:
+        for stage in snippet.values():
+            if Path(stage["data"]["train"]).suffix:
+                (tmp_path / stage["data"]["train"]).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / stage["data"]["train"]).touch()
+        text = yaml.safe_dump({"name": "t", "model": {"base": "org/model"}, **snippet})
+        recipe = parse_recipe(text, tmp_path / "recipe.yaml", [])
+        assert any(getattr(recipe, stage).data.columns or getattr(recipe, stage).data.format == "hh_rlhf"
+                   for stage in snippet)  # fmt: skip
