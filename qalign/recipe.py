@@ -212,12 +212,13 @@ class SftSpec(TrainSpec):
 
 
 class DpoDataSpec(DataSpec):
-    """Where the preference pairs come from."""
+    """Where the preference pairs (or KTO's unpaired rows) come from."""
 
-    format: Literal["auto", "preference"] = Field(
+    format: Literal["auto", "preference", "unpaired"] = Field(
         "auto",
-        description="Both values read a row the same way: prompt/chosen/rejected as strings, or chosen/rejected "
-        "as full conversations sharing the prompt turns.",
+        description="preference: prompt/chosen/rejected as strings, or chosen/rejected as full conversations "
+        "sharing the prompt turns; unpaired: prompt/completion/label rows, for loss: kto; auto: unpaired when the "
+        "first row has completion and label, else preference.",
     )
 
 
@@ -237,10 +238,10 @@ class DpoSpec(TrainSpec):
         allow_inf_nan=False,
         description="Strength of the pull towards the reference model: lower lets the policy move further.",
     )
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+    loss: Literal["sigmoid", "ipo", "hinge", "kto"] = Field(
         "sigmoid",
         description="sigmoid: the DPO paper's loss; ipo: IPO, on length-averaged log-probs; hinge: SLiC's "
-        "hinge loss.",
+        "hinge loss; kto: KTO, on unpaired rows labelled desirable or not (data.format unpaired).",
     )
     label_smoothing: float = Field(
         0.0,
@@ -249,6 +250,16 @@ class DpoSpec(TrainSpec):
         allow_inf_nan=False,
         description="Conservative DPO: the assumed probability that a preference label is flipped (sigmoid "
         "loss only).",
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="KTO: weight of the desirable rows' losses; the KTO paper recommends desirable_weight * "
+        "desirable rows / (undesirable_weight * undesirable rows) in [1, 4/3] (outside it is warned about).",
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="KTO: weight of the undesirable rows' losses."
     )
     reference: Literal["precompute", "live"] = Field(
         "precompute",

@@ -34,8 +34,9 @@ def describe_report(report: DataReport) -> str:
     p = report.percentiles()
     lengths = ", ".join(f"{k} {v}" for k, v in p.items())
     apart = f" (and {report.turns_apart} rows for turns trained apart)" if report.turns_apart else ""
+    labels = f" ({report.label_counts})" if hasattr(report, "label_counts") else ""  # KTO's KtoReport
     return (
-        f"{report.source}: {report.kept} of {report.rows} rows kept{apart}, "
+        f"{report.source}: {report.kept} of {report.rows} rows kept{labels}{apart}, "
         f"{report.trained_tokens:,} trained tokens; lengths {lengths}"
     )
 
@@ -46,12 +47,17 @@ def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Prog
     if spec is None:
         raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
 
-    def prepare(source: str, split: str) -> tuple[list, DataReport]:
+    def prepare(source: str, split: str, training: bool = True) -> tuple[list, DataReport]:
         rows = read_rows(source, split)
         if name == "sft":
             from qalign.sft import prepare_sft
 
             return prepare_sft(rows, spec.data.format, tokenizer, spec.max_length, spec.overlong, source)
+        from qalign.kto import is_unpaired, prepare_kto
+
+        if is_unpaired(rows, spec, recipe.source):
+            weights = (spec.desirable_weight, spec.undesirable_weight) if training else None
+            return prepare_kto(rows, tokenizer, spec.max_length, spec.overlong, source, weights)
         from qalign.dpo import prepare_dpo
 
         return prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
@@ -63,7 +69,7 @@ def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Prog
     reports = [report]
     evals = None
     if spec.data.eval is not None:
-        evals, eval_report = prepare(spec.data.eval, spec.data.eval_split)
+        evals, eval_report = prepare(spec.data.eval, spec.data.eval_split, training=False)
         reports.append(eval_report)
     for item in reports:
         progress.info(describe_report(item))
