@@ -29,7 +29,7 @@ from qalign.train import Stage
 UNPAIRED_KEYS = ("prompt", "completion", "label")
 # How far past the run of rows sharing its prompt a row looks for a completion unlike its own (a bound, so
 # that a dataset with one completion repeated everywhere stays linear).
-PARTNER_SEARCH = 256
+PARTNER_SEARCH = 64
 
 
 @dataclass
@@ -155,25 +155,30 @@ def kl_partners(prompts: list[str], completions: list[str]) -> tuple[list[int], 
     data unpaired from preference pairs). Failing that, the next with a different completion, else the next row.
     Returns (partners, how many rows fell back)."""
     n = len(prompts)
-    # next_other[k]: the first index after k (in the list read twice) whose prompt differs from k's.
-    next_other = [2 * n] * (2 * n)
-    for k in range(2 * n - 2, -1, -1):
-        same = prompts[(k + 1) % n] == prompts[k % n]
-        next_other[k] = next_other[k + 1] if same else k + 1
+    other_prompt, other_completion = _next_other(prompts), _next_other(completions)
     partners, fallbacks = [], 0
     for i in range(n):
         found = None
-        for k in range(next_other[i], min(next_other[i] + PARTNER_SEARCH, i + n)):
+        for k in range(other_prompt[i], min(other_prompt[i] + PARTNER_SEARCH, i + n)):
             j = k % n
             if prompts[j] != prompts[i] and completions[j] != completions[i]:
                 found = j
                 break
         if found is None:
             fallbacks += 1
-            window = (k % n for k in range(i + 1, min(i + 1 + PARTNER_SEARCH, i + n)))
-            found = next((j for j in window if completions[j] != completions[i]), (i + 1) % n)
+            found = other_completion[i] % n if other_completion[i] < i + n else (i + 1) % n
         partners.append(found)
     return partners, fallbacks
+
+
+def _next_other(values: list[str]) -> list[int]:
+    """For each index k of `values` read twice over, the first index after k whose value differs from k's
+    (2 * len(values) when none does): past the run of equal values k starts."""
+    n = len(values)
+    out = [2 * n] * (2 * n)
+    for k in range(2 * n - 2, -1, -1):
+        out[k] = out[k + 1] if values[(k + 1) % n] == values[k % n] else k + 1
+    return out
 
 
 def prepare_kto(
