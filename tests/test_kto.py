@@ -237,6 +237,7 @@ def test_step_scores_each_row_and_its_mismatched_pair(tiny_model, tokenizer):
             if "lora_B" in name:
                 param.normal_(0, 0.3)
     # A reference 5 nats less likely on the mismatched side, so that z0 > 0 and the reference point is used.
+    start = cached.clone()
     cached[:, 1] -= 5.0
     for example, values in zip(examples, cached.tolist(), strict=True):
         example.reference = tuple(values)
@@ -265,6 +266,12 @@ def test_step_scores_each_row_and_its_mismatched_pair(tiny_model, tokenizer):
     assert float(metrics["_rewards/desirable"]) == pytest.approx(rewards[desirable].sum().item(), abs=1e-5)
     loss.backward()
     assert all(p.grad is not None for n_, p in model.named_parameters() if p.requires_grad)
+    # dpo.reference: live, from a fresh adapter: the reference is the base, the adapter disabled.
+    live = {key: value for key, value in batch.items() if key != "reference"}
+    expected, _, _ = kto_loss(
+        sums[:n], start[:, 0].float(), sums[n:], start[:, 1].float(), desirable, 0.1, 1.0, 1.5
+    )
+    assert step(model, live, n)[0].item() == pytest.approx(expected.sum().item() / n, abs=1e-5)
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
