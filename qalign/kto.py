@@ -226,12 +226,17 @@ def prepare_kto(
                 continue
             report.truncated += 1
         kl_ids, kl_labels = mismatched.input_ids, mismatched.labels
+        if _untrained(kl_labels):
+            raise UserError(
+                f"{row.where}: with {other[0].where}'s completion (the KL estimate's pair): no response token "
+                "to score after rendering the chat template"
+            )
         if len(kl_ids) > max_length:
             kl_ids, kl_labels = kl_ids[:max_length], kl_labels[:max_length]
+            if _untrained(kl_labels):  # the same prompt left the own side a token, so hardly ever
+                report.dropped_overlong += 1
+                continue
             report.kl_truncated += 1
-        if _untrained(kl_labels):
-            report.dropped_overlong += 1
-            continue
         report.eos_appended += own.eos_appended
         report.unanswered_opening += own.unanswered_opening
         report.inexact_prompts += own.inexact_prompt
