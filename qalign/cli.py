@@ -363,7 +363,8 @@ def validate(
             "--dump",
             metavar="FILE.jsonl",
             help="Write each tokenized row to this .jsonl file: {input_ids, labels} for sft, "
-            "{prompt_ids, chosen_ids, rejected_ids} for dpo (of --stage, default the first stage).",
+            "{prompt_ids, chosen_ids, rejected_ids} for dpo ({prompt_ids, completion_ids, label, "
+            "kl_completion_ids} for loss: kto) (of --stage, default the first stage).",
         ),
     ] = None,
 ) -> None:

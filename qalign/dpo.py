@@ -395,7 +395,7 @@ def make_stage(context: object) -> Stage:
                 attach_reference(
                     model, examples, cache, spec.batch_size, pad_id, context.device, context.progress, label
                 )
-    return Stage(
+    stage = Stage(
         name="dpo",
         spec=spec,
         train=context.data.train,
@@ -405,3 +405,8 @@ def make_stage(context: object) -> Stage:
         weight=lambda example: 1,
         show=("loss", "rewards/margin", "rewards/accuracy"),
     )
+    if spec.loss == "kto":
+        from qalign.kto import as_kto
+
+        return as_kto(stage, spec, pad_id, reference_adapter)
+    return stage

@@ -46,3 +46,33 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def kto_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    policy_kl: torch.Tensor,
+    reference_kl: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example KTO losses (Ethayarajh et al. 2024), the implicit rewards and the KL estimate.
+
+    `policy`/`reference` [B] are each row's summed completion log-probs, `desirable` [B] its label;
+    `policy_kl`/`reference_kl` [M] are the same for mismatched (prompt, other row's completion) pairs:
+      r  = policy - reference
+      z0 = max(0, mean(policy_kl - reference_kl)), detached: the reference point, not trained through
+      desirable:    desirable_weight   * (1 - sigmoid(beta * (r - z0)))
+      undesirable:  undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+    Rewards are beta * r, detached. Returns (losses, rewards, z0).
+    """
+    z0 = (policy_kl - reference_kl).mean().clamp(min=0).detach()
+    r = policy - reference
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
+    )
+    return losses, beta * r.detach(), z0

@@ -207,12 +207,15 @@ def estimate(
         if recipe.dpo is not None and recipe.dpo.reference == "live" and _has_start_adapter(recipe):
             reference = lora_elems * 4  # a frozen copy of the starting adapter beside the trained one
         components["dpo_reference"] = reference
+        # KTO lays each row out as a pair: its completion, then the mismatched one of the KL estimate (kto.py).
+        kto = recipe.dpo is not None and recipe.dpo.loss == "kto"
+        sides = "completion and KL-estimate completion" if kto else "chosen and rejected"
         assumptions.append(
             (
-                "DPO: one row per pair (the prompt once, then chosen and rejected, with a "
-                f"[{rows}, 1, {seq}, {seq}] {dtype} attention mask); "
+                f"{'KTO' if kto else 'DPO'}: one row per {'example' if kto else 'pair'} (the prompt once, then "
+                f"{sides}, with a [{rows}, 1, {seq}, {seq}] {dtype} attention mask); "
                 if pair_rows
-                else "DPO: chosen and rejected as 2 rows per pair in one forward (flash-attention or a "
+                else f"DPO: {sides} as 2 rows per pair in one forward (flash-attention or a "
                 "sliding window shorter than the pair cannot take the one-row layout); "
             )
             + (

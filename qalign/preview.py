@@ -30,6 +30,14 @@ def show_example(console: Console, tokenizer: PreTrainedTokenizerBase, example: 
 
 
 def dump_record(example: object) -> dict:
+    if hasattr(example, "desirable"):  # a KTO row: its completion and the KL estimate's mismatched one
+        prompt = example.prompt_ids
+        return {
+            "prompt_ids": prompt,
+            "completion_ids": example.chosen_ids[len(prompt) :],
+            "label": example.desirable,
+            "kl_completion_ids": example.rejected_ids[len(prompt) :],
+        }
     if hasattr(example, "chosen_ids"):  # a preference pair: the shared prompt, then each response
         prompt = example.prompt_ids
         return {

@@ -239,24 +239,26 @@ class SftSpec(TrainSpec):
 
 
 class DpoDataSpec(DataSpec):
-    """Where the preference pairs come from."""
+    """Where the preference pairs (or KTO's unpaired rows) come from."""
 
-    format: Literal["auto", "preference", "hh_rlhf"] = Field(
+    format: Literal["auto", "preference", "hh_rlhf", "unpaired"] = Field(
         "auto",
         description="preference: prompt/chosen/rejected as strings, or chosen/rejected as full conversations "
         "sharing the prompt turns. hh_rlhf: chosen/rejected as HH-RLHF texts (turns marked `Human:` / "
-        "`Assistant:`), split into turns. auto: hh_rlhf when the first row's chosen is such a text and it has "
-        "no prompt, else preference.",
+        "`Assistant:`), split into turns. unpaired: prompt/completion/label rows, for loss: kto. auto: unpaired "
+        "when the first row has completion and label, hh_rlhf when its chosen is such a text and it has no "
+        "prompt, else preference.",
     )
     columns: dict[str, str] = Field(
         {},
         description="The dataset's own column names for the fields a pair is read from, as field: column, e.g. "
         "`{prompt: question, chosen: response_j, rejected: response_k}`; applied to train and eval rows before "
         "the format is picked. The mapped column is read instead of any column already named like the field "
-        "(said at the start), and no two fields may read one column. Fields: prompt, chosen, rejected, tools.",
+        "(said at the start), and no two fields may read one column. Fields: prompt, chosen, rejected, tools; for KTO's unpaired rows "
+        "also completion and label.",
     )
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected", "tools")
+    FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected", "tools", "completion", "label")
 
 
 class DpoSpec(TrainSpec):
@@ -275,10 +277,10 @@ class DpoSpec(TrainSpec):
         allow_inf_nan=False,
         description="Strength of the pull towards the reference model: lower lets the policy move further.",
     )
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+    loss: Literal["sigmoid", "ipo", "hinge", "kto"] = Field(
         "sigmoid",
         description="sigmoid: the DPO paper's loss; ipo: IPO, on length-averaged log-probs; hinge: SLiC's "
-        "hinge loss.",
+        "hinge loss; kto: KTO, on unpaired rows labelled desirable or not (data.format unpaired).",
     )
     label_smoothing: float = Field(
         0.0,
@@ -287,6 +289,16 @@ class DpoSpec(TrainSpec):
         allow_inf_nan=False,
         description="Conservative DPO: the assumed probability that a preference label is flipped (sigmoid "
         "loss only).",
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="KTO: weight of the desirable rows' losses; the KTO paper recommends desirable_weight * "
+        "desirable rows / (undesirable_weight * undesirable rows) in [1, 4/3] (outside it is warned about).",
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="KTO: weight of the undesirable rows' losses."
     )
     reference: Literal["precompute", "live"] = Field(
         "precompute",

@@ -34,8 +34,9 @@ def describe_report(report: DataReport) -> str:
     p = report.percentiles()
     lengths = ", ".join(f"{k} {v}" for k, v in p.items())
     apart = f" (and {report.turns_apart} rows for turns trained apart)" if report.turns_apart else ""
+    labels = f" ({report.label_counts})" if hasattr(report, "label_counts") else ""  # KTO's KtoReport
     return (
-        f"{report.source}: {report.kept} of {report.rows} rows kept{apart}, "
+        f"{report.source}: {report.kept} of {report.rows} rows kept{labels}{apart}, "
         f"{report.trained_tokens:,} trained tokens; lengths {lengths}"
     )
 
@@ -74,7 +75,7 @@ def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Prog
 
     notes: set[str] = set()
 
-    def prepare(source: str, split: str) -> tuple[list, DataReport]:
+    def prepare(source: str, split: str, training: bool = True) -> tuple[list, DataReport]:
         rows, fmt, shadowed, skipped = shape_rows(name, spec.data, read_rows(source, split), source)
         for note in sorted(set(shadowed) - notes):
             progress.info(note)
@@ -84,9 +85,17 @@ def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Prog
 
             examples, report = prepare_sft(rows, fmt, tokenizer, spec.max_length, spec.overlong, source)
         else:
-            from qalign.dpo import prepare_dpo
+            from qalign.kto import is_unpaired, prepare_kto
 
-            examples, report = prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
+            if is_unpaired(rows, spec, recipe.source):
+                weights = (spec.desirable_weight, spec.undesirable_weight) if training else None
+                examples, report = prepare_kto(
+                    rows, tokenizer, spec.max_length, spec.overlong, source, weights
+                )
+            else:
+                from qalign.dpo import prepare_dpo
+
+                examples, report = prepare_dpo(rows, tokenizer, spec.max_length, spec.overlong, source)
         report.rows += len(skipped)
         report.skipped = skipped
         return examples, report
@@ -98,7 +107,7 @@ def load_stage_data(recipe: Recipe, name: str, tokenizer: object, progress: Prog
     reports = [report]
     evals = None
     if spec.data.eval is not None:
-        evals, eval_report = prepare(spec.data.eval, spec.data.eval_split)
+        evals, eval_report = prepare(spec.data.eval, spec.data.eval_split, training=False)
         reports.append(eval_report)
     for item in reports:
         progress.info(describe_report(item))

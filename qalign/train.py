@@ -41,6 +41,9 @@ class Stage:
     """An example's share of the normalizer (trained tokens for SFT)."""
     show: tuple[str, ...] = ("loss",)
     """Metrics shown in the progress bar."""
+    summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
+    """Turns a step's summed shares into its metrics, for means the normalizer cannot give (KTO's means over
+    the desirable rows alone); None: the sums are the metrics."""
 
 
 def total_steps(spec: TrainSpec, n_examples: int) -> tuple[int, int]:
@@ -194,6 +197,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             for key, value in shares.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+        if self.stage.summarize is not None:
+            sums = self.stage.summarize(sums)
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf measures without clipping, so non-finite gradients are caught either way.
         limit = self.spec.max_grad_norm if self.spec.max_grad_norm > 0 else math.inf
@@ -262,6 +267,8 @@ class Trainer:
             for key, value in shares.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         self.model.train(was_training)
+        if self.stage.summarize is not None:
+            sums = self.stage.summarize(sums)
         return {f"eval_{k}": v for k, v in sums.items()}
 
     def save_checkpoint(self) -> Path:
