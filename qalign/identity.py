@@ -26,6 +26,9 @@ def stage_identity(recipe: Recipe, name: str, dtype: torch.dtype, start: Path | 
     section["data"] = {k: v for k, v in section["data"].items() if not k.startswith("eval")}
     # Where the start is read from is not the start itself: a moved output_dir must still resume.
     section.pop("init_adapter", None)
+    if name == "dpo" and section.get("loss") != "simpo":
+        # Only simpo reads it (any other loss holds it at its default): DPO runs from before it existed resume.
+        section.pop("simpo_gamma", None)
     model = dict(dumped["model"])
     # `auto` resolves per machine (bf16 on a CPU with native bf16, fp32 on another): a resume elsewhere must not
     # silently continue in another precision.
