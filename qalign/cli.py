@@ -389,6 +389,10 @@ def validate(
         tokenizer = load_tokenizer(loaded.model, progress.warn)
         for index, name in enumerate(present):
             console.rule(f"[bold]{name}")
+            if name == "dpo":
+                from qalign.reference_free import describe_objective
+
+                console.print(escape(describe_objective(loaded.dpo)))
             data = load_stage_data(loaded, name, tokenizer, progress)
             train, evals = data.train, data.eval
             show_example(console, tokenizer, train[0])

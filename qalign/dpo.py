@@ -366,19 +366,22 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def make_stage(context: object) -> Stage:
     """The DPO stage: the frozen start is the reference, precomputed once per dataset (cached beside the run) or
-    computed live each step from a frozen copy of the starting adapter; the base is never loaded twice."""
+    computed live each step from a frozen copy of the starting adapter; the base is never loaded twice. The
+    reference-free losses (simpo, orpo) have none of this, but keep dropout off like every other."""
     from qalign.adapter import adapter_digest
     from qalign.reference import attach_reference, cache_key
+    from qalign.reference_free import describe_objective, make_reference_free_step
     from qalign.stage_data import examples_hash
 
     spec, model, start = context.spec, context.model, context.start
+    context.progress.info(describe_objective(spec))
     reference_adapter = None
-    if spec.reference == "live" and start is not None:
+    if spec.reference == "live" and start is not None and not spec.reference_free:
         model.load_adapter(str(start), adapter_name="reference", is_trainable=False)
         reference_adapter = "reference"
     disable_dropout(model)
     pad_id = context.tokenizer.pad_token_id
-    if spec.reference == "precompute":
+    if spec.reference == "precompute" and not spec.reference_free:
         model_spec = context.recipe.model
         starting_point = {
             "base": model_spec.base,
@@ -401,7 +404,9 @@ def make_stage(context: object) -> Stage:
         train=context.data.train,
         eval=context.data.eval,
         collate=lambda examples: collate_dpo(examples, pad_id),
-        step_loss=make_dpo_step(spec, reference_adapter),
+        step_loss=make_reference_free_step(spec)
+        if spec.reference_free
+        else make_dpo_step(spec, reference_adapter),
         weight=lambda example: 1,
         show=("loss", "rewards/margin", "rewards/accuracy"),
     )

@@ -26,6 +26,10 @@ def stage_identity(recipe: Recipe, name: str, dtype: torch.dtype, start: Path | 
     section["data"] = {k: v for k, v in section["data"].items() if not k.startswith("eval")}
     # Where the start is read from is not the start itself: a moved output_dir must still resume.
     section.pop("init_adapter", None)
+    # Keys only one loss reads (any other holds them at their defaults): DPO runs from before they existed resume.
+    for key, loss in (("simpo_gamma", "simpo"), ("desirable_weight", "kto"), ("undesirable_weight", "kto")):
+        if name == "dpo" and section.get("loss") != loss:
+            section.pop(key, None)
     model = dict(dumped["model"])
     # `auto` resolves per machine (bf16 on a CPU with native bf16, fp32 on another): a resume elsewhere must not
     # silently continue in another precision.

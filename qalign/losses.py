@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +78,39 @@ def kto_loss(
         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))),
     )
     return losses, beta * r.detach(), z0
+
+
+def simpo_loss(
+    chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024), from each reply's mean log-prob per trained token, shape [B]:
+        -log sigmoid(beta * (chosen_mean - rejected_mean) - gamma)
+    No reference model: the implicit reward is the policy's own length-normalised log-prob, beta * mean, and
+    gamma is the margin by which the chosen reward must beat the rejected one. The rewards are detached.
+    Returns (losses, chosen_rewards, rejected_rewards)."""
+    losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
+    return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
+
+
+def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) for p = exp(mean_logps), without forming p: 1 - exp(x) cancels catastrophically as x
+    nears 0 (a confident reply), so log(1 - p) is log(-expm1(x)) there and log1p(-exp(x)) below -log 2,
+    each exact on its side. x is capped at -eps of its dtype: a reply whose p rounds to 1 gets a large finite
+    log odds (about 15.9 in fp32) and no gradient, instead of inf and NaN."""
+    x = mean_logps.clamp(max=-torch.finfo(mean_logps.dtype).eps)
+    log_one_minus_p = torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return x - log_one_minus_p
+
+
+def orpo_loss(
+    chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024), from each reply's mean log-prob per trained token, shape [B]:
+        -chosen_mean - beta * log sigmoid(log odds(chosen) - log odds(rejected))
+    with odds(y) = p / (1 - p) and p = exp(mean log-prob), the paper's geometric-mean likelihood. The first
+    term is SFT's NLL on the chosen reply, so ORPO needs no SFT stage before it; beta is the paper's lambda.
+    Returns (losses, the NLL term, the log odds ratio), the last two detached (metrics)."""
+    nll = -chosen_mean
+    ratio = log_odds(chosen_mean) - log_odds(rejected_mean)
+    losses = nll - beta * F.logsigmoid(ratio)
+    return losses, nll.detach(), ratio.detach()

@@ -204,7 +204,8 @@ def estimate(
 
     if stage == "dpo":
         reference = 0
-        if recipe.dpo is not None and recipe.dpo.reference == "live" and _has_start_adapter(recipe):
+        live = recipe.dpo is not None and recipe.dpo.reference == "live" and not recipe.dpo.reference_free
+        if live and _has_start_adapter(recipe):
             reference = lora_elems * 4  # a frozen copy of the starting adapter beside the trained one
         components["dpo_reference"] = reference
         # KTO lays each row out as a pair: its completion, then the mismatched one of the KL estimate (kto.py).
@@ -219,7 +220,9 @@ def estimate(
                 "sliding window shorter than the pair cannot take the one-row layout); "
             )
             + (
-                "reference log-probs cached (4 numbers per pair, in host memory)"
+                f"{recipe.dpo.loss} is reference-free: no reference pass, nothing cached"
+                if recipe.dpo is not None and recipe.dpo.reference_free
+                else "reference log-probs cached (4 numbers per pair, in host memory)"
                 if recipe.dpo is not None and recipe.dpo.reference == "precompute"
                 else "live reference: an extra no-grad forward before each step (not at the peak)"
             )

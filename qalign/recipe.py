@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from qalign.errors import UserError
@@ -145,6 +153,10 @@ class DataSpec(_Section):
 
 _POSITIVE_INT = TypeAdapter(Annotated[int, Field(gt=0)])
 _BOOL = TypeAdapter(bool)
+_BETA = TypeAdapter(Annotated[float, Field(gt=0, allow_inf_nan=False)])
+# beta: auto's values. DPO's paper and ORPO's (as its lambda) use 0.1; SimPO's needs a far larger one.
+DPO_BETA, SIMPO_BETA = 0.1, 2.0
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 class TrainSpec(_Section):
@@ -271,16 +283,26 @@ class DpoSpec(TrainSpec):
         allow_inf_nan=False,
         description="Peak learning rate of AdamW, reached after warmup; DPO wants a much lower one than SFT.",
     )
-    beta: float = Field(
-        0.1,
-        gt=0,
-        allow_inf_nan=False,
-        description="Strength of the pull towards the reference model: lower lets the policy move further.",
+    beta: float | Literal["auto"] = Field(
+        "auto",
+        description="Strength of the preference term, a number > 0: for sigmoid, ipo and hinge the pull towards "
+        "the reference model (lower lets the policy move further); simpo: its reward scale; orpo: the weight of "
+        "the odds-ratio term beside the NLL (the paper's lambda). auto: 2.0 for simpo (its paper used 2.0-2.5), "
+        "else 0.1.",
     )
-    loss: Literal["sigmoid", "ipo", "hinge", "kto"] = Field(
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
         "sigmoid",
         description="sigmoid: the DPO paper's loss; ipo: IPO, on length-averaged log-probs; hinge: SLiC's "
-        "hinge loss; kto: KTO, on unpaired rows labelled desirable or not (data.format unpaired).",
+        "hinge loss; simpo: SimPO and orpo: ORPO, both reference-free (no reference pass, nothing cached), "
+        "orpo with SFT's loss on the chosen reply built in; kto: KTO, on unpaired rows labelled desirable or "
+        "not (data.format unpaired).",
+    )
+    simpo_gamma: float = Field(
+        0.5,
+        ge=0,
+        allow_inf_nan=False,
+        description="SimPO's target margin gamma: how far beta * the chosen reply's mean log-prob per token "
+        "should exceed the rejected one's (simpo only; another value with another loss is an error).",
     )
     label_smoothing: float = Field(
         0.0,
@@ -288,7 +310,7 @@ class DpoSpec(TrainSpec):
         lt=0.5,
         allow_inf_nan=False,
         description="Conservative DPO: the assumed probability that a preference label is flipped (sigmoid "
-        "loss only).",
+        "loss only; above 0 with another loss is an error).",
     )
     desirable_weight: float = Field(
         1.0,
@@ -303,13 +325,39 @@ class DpoSpec(TrainSpec):
     reference: Literal["precompute", "live"] = Field(
         "precompute",
         description="precompute: one pass over the data before training, cached on disk; live: every step "
-        "(no cache).",
+        "(no cache). simpo and orpo have no reference: live with them is an error.",
     )
     init_adapter: str | None = Field(
         None,
         description="Adapter folder to start from (and to use as the frozen reference), relative to the "
         "recipe; default `<output_dir>/sft/adapter` if it exists, else a fresh adapter on the base.",
     )
+
+    @field_validator("beta", mode="wrap")
+    @classmethod
+    def _auto_or_beta(cls, value: Any, handler: Any) -> Any:
+        # "auto" or a positive finite float, with the float's own error (not a two-branch union error).
+        if value == "auto":
+            return "auto"
+        try:
+            return _BETA.validate_python(value)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise PydanticCustomError(
+                error["type"], error["msg"].replace("{", "(").replace("}", ")")
+            ) from None
+
+    @model_validator(mode="after")
+    def _resolve_beta(self) -> DpoSpec:
+        # Resolved here so that the code, the resolved recipe and the run's identity only ever see a number.
+        if self.beta == "auto":
+            self.beta = SIMPO_BETA if self.loss == "simpo" else DPO_BETA
+        return self
+
+    @property
+    def reference_free(self) -> bool:
+        """simpo and orpo score the policy alone: no reference model, no reference pass, no cache."""
+        return self.loss in REFERENCE_FREE
 
 
 class MergeSpec(_Section):
@@ -435,7 +483,28 @@ def parse_recipe(text: str, path: Path, overrides: list[str]) -> Recipe:
         return _where(path, root, key.split("."), overridden)
 
     _resolve_paths(recipe, path.resolve().parent, locate)
+    if recipe.dpo is not None:
+        _check_loss_keys(recipe.dpo, locate)
     return recipe
+
+
+def _check_loss_keys(dpo: DpoSpec, locate: Callable[[str], str]) -> None:
+    """A DPO key that the chosen loss does not read must stay at its default: set to anything else, the user
+    expects an effect that would silently not happen. (At the default it may be written out, as the recipes
+    from `qalign init` write every key.)"""
+    unused = (
+        ("reference", dpo.reference_free, "the losses with a reference model, not simpo or orpo"),
+        ("label_smoothing", dpo.loss != "sigmoid", "only the sigmoid loss"),
+        ("simpo_gamma", dpo.loss != "simpo", "only the simpo loss"),
+        ("desirable_weight", dpo.loss != "kto", "only the kto loss"),
+        ("undesirable_weight", dpo.loss != "kto", "only the kto loss"),
+    )
+    for key, is_unused, readers in unused:
+        if is_unused and getattr(dpo, key) != DpoSpec.model_fields[key].default:
+            raise UserError(
+                f"{locate(f'dpo.{key}')}: dpo.{key}: {getattr(dpo, key)} has no effect with dpo.loss: {dpo.loss} "
+                f"(it is read by {readers}); remove the key or change dpo.loss"
+            )
 
 
 def _reject_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
