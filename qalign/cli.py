@@ -72,14 +72,27 @@ def _user_errors(on_interrupt: str = "the last complete checkpoint is kept") -> 
     try:
         yield
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+        _report("error", str(exc), 2)
         raise typer.Exit(2) from None
     except TrainingStopped as exc:
-        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(exc))}", soft_wrap=True)
+        _report("stopped", str(exc), exc.code)
         raise typer.Exit(exc.code) from None
     except KeyboardInterrupt:
         err_console.print(f"[bold red]interrupted[/bold red]: {on_interrupt}")
         raise typer.Exit(130) from None
+
+
+def _report(kind: str, message: str, code: int) -> None:
+    """One line for the user. A worker of `--nproc` leaves it to the launcher, which prints the first failing
+    rank's; under a user's own torchrun each rank prints, the others' lines naming their rank."""
+    from qalign.distributed import ERRORS_ENV, record_failure, world_from_env
+
+    world = world_from_env()
+    if world.many and os.environ.get(ERRORS_ENV):
+        record_failure(world, message, code)
+        return
+    where = "" if world.main else f" (rank {world.rank})"
+    err_console.print(f"[bold red]{kind}{where}:[/bold red] {escape(message)}", soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -144,7 +157,26 @@ ForceResume = Annotated[
         "--force-resume", help="Resume even though the recipe or data changed since the checkpoint."
     ),
 ]
+Nproc = Annotated[
+    str,
+    typer.Option(
+        "--nproc",
+        metavar="N|auto",
+        help="Worker processes, started through torch.distributed.run (NCCL on GPUs, gloo on a CPU); auto: one "
+        "per visible CUDA device, 1 without CUDA.",
+    ),
+]
 STAGES = ("sft", "dpo")
+
+
+def _processes(value: str) -> int:
+    if value == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"--nproc: expected a number of processes (1 or more) or 'auto', got '{value}'")
+    return int(value)
 
 
 def _train(
@@ -154,10 +186,13 @@ def _train(
     resume: bool,
     overwrite: bool,
     force_resume: bool,
+    nproc: str = "auto",
 ) -> None:
+    from qalign.distributed import SINGLE, world_from_env
     from qalign.progress import Progress
     from qalign.recipe import load_recipe
 
+    world = world_from_env()
     with _user_errors():
         loaded = load_recipe(recipe, overrides)
         present = [name for name in stages if getattr(loaded, name) is not None]
@@ -165,6 +200,27 @@ def _train(
             raise UserError(
                 f"{loaded.source}: the recipe has no {' or '.join(repr(s) for s in stages)} section"
             )
+        count = 1 if world.many else _processes(nproc)
+        if count > 1:
+            from qalign.distributed import launch
+
+            # The recipe is checked here first, so a bad one is one error before any worker starts.
+            command = stages[0] if len(stages) == 1 else "run"
+            argv = [command, str(recipe), *(f"--set={item}" for item in overrides or [])]
+            argv += [
+                flag
+                for flag, on in (
+                    ("--no-resume", not resume),
+                    ("--overwrite", overwrite),
+                    ("--force-resume", force_resume),
+                )
+                if on
+            ]
+            code, message = launch(count, argv)
+            if message is not None:
+                kind = "error" if code == 2 else "stopped"
+                err_console.print(f"[bold red]{kind}:[/bold red] {escape(message)}", soft_wrap=True)
+            raise typer.Exit(code)
         _quiet_libraries()
         from qalign.runner import RunOptions, run_stage
 
@@ -175,10 +231,18 @@ def _train(
 
         # `qalign run` owns every stage: a DPO stage trained from an older SFT adapter is trained again.
         options = RunOptions(resume, overwrite, force_resume, redo_on_new_start=len(stages) > 1)
-        progress = Progress(console, err_console)
+        progress = Progress(console, err_console) if world.main else Progress(*_silent())
         for name in present:
             if len(present) > 1:
-                console.rule(f"[bold]{name}")
+                progress.console.rule(f"[bold]{name}")
+            if name in ("merge", "export") and world.many:
+                from qalign.distributed import leave
+
+                # Merging and exporting are one process's work: rank 0 does them once training is done.
+                leave(world)
+                if not world.main:
+                    return
+                world = SINGLE  # one process from here
             if name == "merge":
                 from qalign.merge import run_merge
 
@@ -188,7 +252,16 @@ def _train(
 
                 export_recipe(loaded, progress)
             else:
-                run_stage(loaded, name, progress, options)
+                run_stage(loaded, name, progress, options, world)
+        if world.many:
+            from qalign.distributed import leave
+
+            leave(world)
+
+
+def _silent() -> tuple[Console, Console]:
+    """Consoles that print nothing: a worker other than rank 0 shows nothing but its errors."""
+    return Console(quiet=True), Console(stderr=True, quiet=True)
 
 
 @app.command()
@@ -198,9 +271,10 @@ def sft(
     no_resume: NoResume = False,
     overwrite: Overwrite = False,
     force_resume: ForceResume = False,
+    nproc: Nproc = "auto",
 ) -> None:
     """Supervised fine-tuning: LoRA on the 4-bit base, loss on assistant tokens only."""
-    _train(recipe, set_, ("sft",), not no_resume, overwrite, force_resume)
+    _train(recipe, set_, ("sft",), not no_resume, overwrite, force_resume, nproc)
 
 
 @app.command()
@@ -210,9 +284,10 @@ def dpo(
     no_resume: NoResume = False,
     overwrite: Overwrite = False,
     force_resume: ForceResume = False,
+    nproc: Nproc = "auto",
 ) -> None:
     """Direct Preference Optimization, starting from (and referenced to) the SFT adapter when there is one."""
-    _train(recipe, set_, ("dpo",), not no_resume, overwrite, force_resume)
+    _train(recipe, set_, ("dpo",), not no_resume, overwrite, force_resume, nproc)
 
 
 @app.command()
@@ -222,9 +297,10 @@ def run(
     no_resume: NoResume = False,
     overwrite: Overwrite = False,
     force_resume: ForceResume = False,
+    nproc: Nproc = "auto",
 ) -> None:
     """Every stage the recipe has, in order (sft, dpo, merge, then export), resuming whatever is already done."""
-    _train(recipe, set_, (*STAGES, "merge", "export"), not no_resume, overwrite, force_resume)
+    _train(recipe, set_, (*STAGES, "merge", "export"), not no_resume, overwrite, force_resume, nproc)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from qalign.chat_template import IGNORE, render_conversation
 from qalign.conversation import parse_tools
 from qalign.data import DataReport, Row, check_turns, pad, parse_messages, to_messages
 from qalign.errors import UserError
-from qalign.logprobs import gathered_logprobs, label_logprobs
+from qalign.logprobs import base_model, gathered_logprobs, label_logprobs, unwrap
 from qalign.losses import dpo_loss
 from qalign.recipe import DpoSpec
 from qalign.template_text import ignores_tools
@@ -265,7 +265,7 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs of each response [2B]: chosen then rejected, response lengths [2B])."""
     pairs, length = batch["input_ids"].shape
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if takes_pair_rows(base.config, length):
         labels, segments = batch["labels"], batch["segments"]
         keep = labels != IGNORE
@@ -310,7 +310,7 @@ def reference_mode(model: torch.nn.Module, reference_adapter: str | None) -> Ite
 def reference_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], reference_adapter: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad(), reference_mode(model, reference_adapter):
+    with torch.no_grad(), reference_mode(unwrap(model), reference_adapter):
         return sequence_logprobs(model, batch)
 
 
@@ -396,7 +396,15 @@ def make_stage(context: object) -> Stage:
                 key = cache_key(examples_hash(examples), starting_point)
                 cache = context.paths.reference / f"{label}-{key}.safetensors"
                 attach_reference(
-                    model, examples, cache, spec.batch_size, pad_id, context.device, context.progress, label
+                    model,
+                    examples,
+                    cache,
+                    spec.batch_size,
+                    pad_id,
+                    context.device,
+                    context.progress,
+                    label,
+                    context.world,
                 )
     stage = Stage(
         name="dpo",

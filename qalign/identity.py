@@ -19,10 +19,15 @@ BOOKKEEPING = {"save_every", "save_total_limit", "eval_every", "log_every", "nan
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def stage_identity(recipe: Recipe, name: str, dtype: torch.dtype, start: Path | None) -> dict:
-    """The settings a checkpoint must share with the recipe to resume exactly."""
+def stage_identity(
+    recipe: Recipe, name: str, dtype: torch.dtype, start: Path | None, processes: int = 1
+) -> dict:
+    """The settings a checkpoint must share with the recipe to resume exactly. `grad_accum` is recorded times
+    the processes: a step takes the same examples for the same product, so a run resumes under another process
+    count with the same global batch."""
     dumped = recipe.model_dump(mode="json")
     section = {k: v for k, v in dumped[name].items() if k not in BOOKKEEPING}
+    section["grad_accum"] *= processes
     section["data"] = {k: v for k, v in section["data"].items() if not k.startswith("eval")}
     # Where the start is read from is not the start itself: a moved output_dir must still resume.
     section.pop("init_adapter", None)
@@ -58,6 +63,8 @@ START_CHANGE = "the starting adapter"
 def _describe(key: str, old: object, new: object) -> str:
     if key in ("start", "start.adapter"):
         return f"{START_CHANGE} ({_start_story(old, new)})"
+    if key.endswith(".grad_accum"):
+        return f"{key} x processes: {old!r} -> {new!r}"
     return f"{key}: {old!r} -> {new!r}"
 
 

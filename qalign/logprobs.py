@@ -26,6 +26,38 @@ def chunk_tokens(vocab: int, budget: int | None = None) -> int:
     return tokens if tokens < 64 else tokens // 64 * 64
 
 
+class DecoderCall(torch.nn.Module):
+    """A model's decoder as a module of its own, holding the whole model: what DistributedDataParallel wraps.
+    The loss runs the LM head itself, on trained positions only, so a wrapper around the whole model would never
+    see a forward; DDP's gradient hooks sit on every trainable parameter either way, the head's included."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs: object) -> object:
+        return base_model(self.model).get_decoder()(**kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The (peft) model under a DistributedDataParallel wrapper, or the model itself."""
+    inner = getattr(model, "module", None)
+    return inner.model if isinstance(inner, DecoderCall) else model
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under peft's and DDP's wrappers."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """What runs the decoder: the DDP wrapper when there is one (its forward is what arms the gradient sync)."""
+    return (
+        model if isinstance(getattr(model, "module", None), DecoderCall) else base_model(model).get_decoder()
+    )
+
+
 def label_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +65,8 @@ def label_logprobs(
 
     Labels are aligned with input_ids (IGNORE where not trained); position t predicts labels[t + 1].
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    base = base_model(model)
+    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -52,8 +84,8 @@ def gathered_logprobs(
 ) -> torch.Tensor:
     """log p(targets[i]) [N] in fp32, each predicted by the hidden state at flat position sources[i] of the
     [batch * length] tokens: for layouts where the predicting token is not simply the previous one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(
+    base = base_model(model)
+    hidden = _decoder(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]

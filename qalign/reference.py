@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load, save
 
 from qalign.atomic import atomic_write_bytes
+from qalign.distributed import SINGLE, World, barrier, gather_rows, main_decides
 from qalign.dpo import DpoExample, collate_dpo, sequence_logprobs
 from qalign.progress import Progress
 
@@ -72,20 +73,32 @@ def attach_reference(
     device: torch.device,
     progress: Progress,
     label: str,
+    world: World = SINGLE,
 ) -> None:
-    """Fill every example's `reference` from the cache file, computing and saving it when missing."""
-    values = None
-    if cache.exists():
-        try:
-            values = load(cache.read_bytes())["reference"]
-        except Exception:  # a damaged cache is only a lost speed-up: recompute it
-            progress.warn(f"{cache}: unreadable reference cache; recomputing")
-        if values is not None and values.shape != (len(examples), 4):
-            values = None
+    """Fill every example's `reference` from the cache file, computing and saving it when missing. With more
+    than one process each rank computes a contiguous share of the examples and rank 0 writes the whole."""
+
+    def read() -> torch.Tensor | None:
+        values = None
+        if cache.exists():
+            try:
+                values = load(cache.read_bytes())["reference"]
+            except Exception:  # a damaged cache is only a lost speed-up: recompute it
+                progress.warn(f"{cache}: unreadable reference cache; recomputing")
+            if values is not None and values.shape != (len(examples), 4):
+                values = None
+        return values
+
+    values = main_decides(read, world)
     if values is None:
-        values = compute_reference(model, examples, batch_size, pad_id, device, progress, label)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache, save({"reference": values}))
+        per_rank = -(-len(examples) // world.size)
+        mine = examples[world.rank * per_rank : (world.rank + 1) * per_rank]
+        part = compute_reference(model, mine, batch_size, pad_id, device, progress, label)
+        values = gather_rows(part, world)
+        if world.main:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache, save({"reference": values}))
+        barrier(world)
         progress.info(f"reference log-probs for {len(examples)} {label} pairs cached in {cache}")
     else:
         progress.info(f"reference log-probs for {label} read from {cache}")

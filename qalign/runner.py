@@ -6,7 +6,9 @@ What SFT and DPO each add (their examples, collate, step loss, metrics; DPO's re
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +18,10 @@ from transformers import set_seed
 from qalign import __version__
 from qalign.adapter import model_card, read_metadata, save_adapter
 from qalign.checkpoint import CheckpointManager
+from qalign.distributed import SINGLE, World, barrier, from_main, join, main_decides, replicate
 from qalign.errors import UserError
 from qalign.identity import DTYPE_NAMES, START_CHANGE, fingerprint_changes, stage_identity
-from qalign.layout import StagePaths, check_output_dir, claim_output_dir, starting_adapter
+from qalign.layout import RunLayout, StagePaths, check_output_dir, claim_output_dir, starting_adapter
 from qalign.lora import tune_lora_layers
 from qalign.model import (
     attach_lora,
@@ -59,10 +62,19 @@ class StageContext:
     dtype: torch.dtype
     start: Path | None
     progress: Progress
+    world: World = SINGLE
 
 
-def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions = RunOptions()) -> Path:
-    """`qalign sft` / `qalign dpo`: returns the finished adapter folder."""
+def run_stage(
+    recipe: Recipe,
+    name: str,
+    progress: Progress,
+    options: RunOptions = RunOptions(),
+    world: World = SINGLE,
+) -> Path:
+    """`qalign sft` / `qalign dpo`: returns the finished adapter folder. With more than one process every rank
+    runs this; rank 0 alone decides what touches the disk (claiming the folder, resume or start over, the
+    memory plan) and writes."""
     if getattr(recipe, name) is None:
         raise UserError(f"{recipe.source}: the recipe has no '{name}' section")
     check_available(recipe.report_to)
@@ -76,23 +88,42 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
             "dpo starts from the base: the recipe has an sft section but there is no sft adapter yet "
             "(qalign sft first, or qalign run for both)"
         )
-    device = pick_device()
+    device = join(world) if world.many else pick_device()
     dtype = compute_dtype(recipe.model.compute_dtype, device)
-    with claim_output_dir(recipe) as layout:
+    with _claimed(recipe, world) as layout:
         paths = layout.stage(name)
         checkpoints = CheckpointManager(paths.checkpoints, warn=progress.warn)
-        checkpoints.recover()
-        recorded = _recorded(paths, checkpoints, options)
-        earlier = recorded.get("identity", {}).get(name, {}) if recorded else {}
-        recipe, plan_total = plan_memory(recipe, name, data, device, earlier, progress)
-        identity = stage_identity(recipe, name, dtype, start)
-        fingerprint = {"identity": identity, "data_hash": data.digest}
-        resume_from = _decide(paths, checkpoints, fingerprint, options, name, progress)
+
+        def decide() -> tuple[Recipe, int | None, dict, Path | str | None]:
+            checkpoints.recover()
+            recorded = _recorded(paths, checkpoints, options)
+            earlier = recorded.get("identity", {}).get(name, {}) if recorded else {}
+            planned, plan_total = plan_memory(recipe, name, data, device, earlier, progress, world.size)
+            identity = stage_identity(planned, name, dtype, start, world.size)
+            fingerprint = {"identity": identity, "data_hash": data.digest}
+            return (
+                planned,
+                plan_total,
+                fingerprint,
+                _decide(paths, checkpoints, fingerprint, options, name, progress),
+            )
+
+        recipe, plan_total, fingerprint, resume_from = main_decides(decide, world)
         if resume_from == "done":
             return paths.adapter
         model = load_model(recipe, name, device, dtype, start, progress)
         context = StageContext(
-            recipe, getattr(recipe, name), paths, tokenizer, data, model, device, dtype, start, progress
+            recipe,
+            getattr(recipe, name),
+            paths,
+            tokenizer,
+            data,
+            model,
+            device,
+            dtype,
+            start,
+            progress,
+            world,
         )
         if name == "sft":
             from qalign.sft import make_stage
@@ -100,9 +131,17 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
             from qalign.dpo import make_stage
         stage: Stage = make_stage(context)
         config = recipe.model_dump(mode="json")
-        trackers = Trackers(recipe.report_to, paths, f"{recipe.name}-{name}", config, progress.warn)
-        trainer = Trainer(stage, model, paths, recipe.seed, device, dtype, progress, fingerprint, trackers)
+        trackers = Trackers(
+            recipe.report_to if world.main else [], paths, f"{recipe.name}-{name}", config, progress.warn
+        )
+        runs = replicate(model, device) if world.many else model
+        trainer = Trainer(
+            stage, runs, paths, recipe.seed, device, dtype, progress, fingerprint, trackers, world
+        )
         final = trainer.fit(resume_from, recipe.to_yaml())
+        if not world.main:
+            barrier(world)  # rank 0 saves the adapter
+            return paths.adapter
         spec = getattr(recipe, name)
         metadata = {
             "qalign": __version__,
@@ -146,7 +185,26 @@ def run_stage(recipe: Recipe, name: str, progress: Progress, options: RunOptions
             f"measured peak: {peak / 2**30:.2f} GiB, {what}{versus}"
         )
         progress.info(f"adapter saved to {paths.adapter}")
+        barrier(world)
         return paths.adapter
+
+
+@contextlib.contextmanager
+def _claimed(recipe: Recipe, world: World) -> Iterator[RunLayout]:
+    """The run folder, claimed (and locked) by rank 0 for the body; the other ranks follow its outcome."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if world.main:
+            try:
+                layout = stack.enter_context(claim_output_dir(recipe))
+            except UserError as exc:
+                if not world.many:
+                    raise
+                problem = str(exc)
+        problem = from_main(problem, world)
+        if problem is not None:
+            raise UserError(problem)
+        yield layout if world.main else RunLayout(recipe.out)
 
 
 def _recorded(paths: StagePaths, checkpoints: CheckpointManager, options: RunOptions) -> dict | None:
@@ -221,7 +279,13 @@ def _decide(
 
 
 def plan_memory(
-    recipe: Recipe, name: str, data: StageData, device: torch.device, earlier: dict, progress: Progress
+    recipe: Recipe,
+    name: str,
+    data: StageData,
+    device: torch.device,
+    earlier: dict,
+    progress: Progress,
+    processes: int = 1,
 ) -> tuple[Recipe, int | None]:
     """The recipe with the stage's `auto` memory settings resolved against the free memory, and the plan's
     total. On resume an `auto` takes the value the run was trained with, so it continues exactly as it started."""
@@ -242,6 +306,9 @@ def plan_memory(
         return memory.with_settings(recipe, name, resolved), None
     lengths = memory.lengths_of(data.train, name)
     free = memory.free_memory(device.type)
+    if device.type == "cpu":
+        # Processes on one machine share its RAM (each GPU process has a GPU of its own).
+        free //= processes
     resolved, decided = memory.resolve_auto(arch, recipe, name, lengths, device.type, free, earlier)
     recipe = memory.with_settings(recipe, name, resolved)
     plan = memory.estimate(arch, recipe, name, lengths, device.type, free)

@@ -4,6 +4,7 @@ checkpoint (what a checkpoint holds is checkpoint.py's; what the run folder hold
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -15,6 +16,7 @@ import torch
 
 from qalign.atomic import atomic_write_text
 from qalign.checkpoint import CheckpointManager, restore_training_state, save_training_state
+from qalign.distributed import SINGLE, World, any_rank, barrier, from_main, sum_values
 from qalign.errors import TrainingStopped
 from qalign.layout import StagePaths
 from qalign.metrics import MetricsLog, mean_record
@@ -46,10 +48,10 @@ class Stage:
     the desirable rows alone); None: the sums are the metrics."""
 
 
-def total_steps(spec: TrainSpec, n_examples: int) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch)."""
+def total_steps(spec: TrainSpec, n_examples: int, processes: int = 1) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); each step takes grad_accum micro-batches on every process."""
     batches = math.ceil(n_examples / spec.batch_size)
-    per_epoch = max(1, math.ceil(batches / spec.grad_accum))
+    per_epoch = max(1, math.ceil(batches / (spec.grad_accum * processes)))
     return (spec.max_steps or spec.epochs * per_epoch), per_epoch
 
 
@@ -79,17 +81,22 @@ class Trainer:
         progress: Progress,
         fingerprint: dict,
         trackers: Trackers | None = None,
+        world: World = SINGLE,
     ) -> None:
         """`fingerprint` ({identity, data_hash}) goes into every checkpoint, for resume to compare against;
-        `trackers` (report_to) get every record metrics.jsonl gets."""
-        self.stage, self.spec, self.model = stage, stage.spec, model
+        `trackers` (report_to) get every record metrics.jsonl gets. With more than one process (`world`),
+        `model` is the DistributedDataParallel wrapper of the decoder and this rank trains its share of each
+        step; rank 0 alone writes."""
+        self.stage, self.spec, self.world = stage, stage.spec, world
+        self.runs = model  # what the step losses call: the model, or the decoder's DDP wrapper
+        self.model = model.module.model if world.many else model
         self.paths, self.seed, self.progress = paths, seed, progress
         self.device, self.dtype, self.fingerprint = device, dtype, fingerprint
         self.skipped = 0
         # fp16 has too few exponent bits for small gradients: scale the loss up and skip the steps that overflow.
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.total, self.per_epoch = total_steps(self.spec, len(stage.train))
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.total, self.per_epoch = total_steps(self.spec, len(stage.train), world.size)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.spec.lr, weight_decay=self.spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(self.spec, step, self.total)
@@ -107,15 +114,25 @@ class Trainer:
 
     # -- data order ----------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list]:
-        """The micro-batches of optimizer step `step`: a pure function of (seed, step), which is what makes
-        resume land on exactly the data an uninterrupted run would see."""
+        """The micro-batches of optimizer step `step`, over all processes: a pure function of (seed, step), which
+        is what makes resume land on exactly the data an uninterrupted run would see. A step's micro-batches
+        are the same whatever the process count, only shared out differently (see share)."""
         epoch, within = divmod(step, self.per_epoch)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.stage.train), generator=generator).tolist()
         size = self.spec.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
-        chosen = batches[within * self.spec.grad_accum : (within + 1) * self.spec.grad_accum]
+        accum = self.spec.grad_accum * self.world.size
+        chosen = batches[within * accum : (within + 1) * accum]
         return [[self.stage.train[i] for i in batch] for batch in chosen]
+
+    def share(self, micro: list[list]) -> list[tuple[list, bool]]:
+        """This rank's micro-batches of a step, each with whether it counts: every rank runs as many as the
+        busiest one (each backward is a collective), so a rank short of data at an epoch's end repeats one
+        with its loss weighted zero."""
+        mine = micro[self.world.rank :: self.world.size]
+        busiest = math.ceil(len(micro) / self.world.size)
+        return [(batch, True) for batch in mine] + [(micro[0], False)] * (busiest - len(mine))
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, resume_from: Path | None, recipe_yaml: str) -> dict:
@@ -127,10 +144,12 @@ class Trainer:
             self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
             self.tokens_seen, self.seconds = int(state.get("tokens", 0)), float(state.get("seconds", 0.0))
             self.progress.info(f"resuming from {resume_from} (step {self.step} of {self.total})")
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.paths.recipe, recipe_yaml)
-        self.metrics.keep_until(self.step)
-        self.trackers.open(self.step)
+        main = self.world.main
+        if main:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.paths.recipe, recipe_yaml)
+            self.metrics.keep_until(self.step)
+            self.trackers.open(self.step)
         self.model.train()
         window: list[dict] = []
         last: dict = {}
@@ -157,8 +176,9 @@ class Trainer:
                         record.update(self.evaluate())
                     if final or self.step % self.spec.log_every == 0 or "eval_loss" in record:
                         last = mean_record(window)
-                        self.metrics.append(last)
-                        self.trackers.log(last, self.step)
+                        if main:
+                            self.metrics.append(last)
+                            self.trackers.log(last, self.step)
                         window = []
                     shown.update(
                         {k: record[k] for k in (*self.stage.show, "lr", "tokens_per_s") if k in record}
@@ -169,16 +189,19 @@ class Trainer:
                     now = time.perf_counter()
                     self.seconds, clock = self.seconds + now - clock, now
                     saving = final or (self.spec.save_every and self.step % self.spec.save_every == 0)
-                    if saving or self._signal is not None:
+                    # Every rank stops after the same step, whichever of them the signal reached first.
+                    stopping = any_rank(self._signal is not None, self.world)
+                    if saving or stopping:
                         self.save_checkpoint()
-                    if self._signal is not None:
-                        name = signal.Signals(self._signal).name
+                    if stopping:
+                        name = signal.Signals(self._signal or signal.SIGINT).name
                         raise TrainingStopped(
                             f"{name}: saved a checkpoint at step {self.step}; run the same command to resume",
-                            128 + self._signal,
+                            128 + (self._signal or signal.SIGINT),
                         )
         finally:
-            self.trackers.close()
+            if main:
+                self.trackers.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return last
@@ -186,19 +209,25 @@ class Trainer:
     def _train_step(self) -> dict:
         started = time.perf_counter()
         micro = self.micro_batches(self.step)
+        # The whole step's weight, all ranks' micro-batches included: the loss is a mean over the global batch.
         norm = sum(self.stage.weight(e) for batch in micro for e in batch)
         sums: dict[str, float] = {}
         tokens = 0
-        for examples in micro:
+        share = self.share(micro)
+        for index, (examples, counts) in enumerate(share):
             batch = {k: v.to(self.device) for k, v in self.stage.collate(examples).items()}
-            tokens += int(batch["attention_mask"].sum())
-            with self.autocast():
-                loss, shares = self.stage.step_loss(self.model, batch, norm)
+            with self.autocast(), self._sync(index == len(share) - 1):
+                loss, shares = self.stage.step_loss(self.runs, batch, norm)
+                # DistributedDataParallel averages the ranks' gradients; the shares are to be summed.
+                loss = loss * (self.world.size if counts else 0.0)
             self.scaler.scale(loss).backward()
+            # A repeated micro-batch adds zeros, so that every rank sums the same keys.
+            tokens += int(batch["attention_mask"].sum()) if counts else 0
             for key, value in shares.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        if self.stage.summarize is not None:
-            sums = self.stage.summarize(sums)
+                sums[key] = sums.get(key, 0.0) + (float(value) if counts else 0.0)
+        totals = sum_values({**sums, "_tokens": float(tokens)}, self.world)
+        tokens = int(totals.pop("_tokens"))
+        sums = totals if self.stage.summarize is None else self.stage.summarize(totals)
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf measures without clipping, so non-finite gradients are caught either way.
         limit = self.spec.max_grad_norm if self.spec.max_grad_norm > 0 else math.inf
@@ -230,6 +259,12 @@ class Trainer:
             record["skipped_steps"] = self.skipped
         return record
 
+    def _sync(self, last: bool):
+        """Gradients are averaged over the ranks once per step, in the backward of its last micro-batch."""
+        if self.world.many and not last:
+            return self.runs.no_sync()
+        return contextlib.nullcontext()
+
     def _bad_step(self, problem: str, record: dict) -> dict:
         """A non-finite loss or gradient: stop keeping the last good checkpoint, or skip the step (nan_policy)."""
         if self.spec.nan_policy != "skip":
@@ -260,13 +295,18 @@ class Trainer:
         norm = sum(self.stage.weight(e) for e in examples)
         sums: dict[str, float] = {}
         size = self.spec.batch_size
-        for i in range(0, len(examples), size):
-            batch = {k: v.to(self.device) for k, v in self.stage.collate(examples[i : i + size]).items()}
+        batches = [examples[i : i + size] for i in range(0, len(examples), size)]
+        for part in batches[self.world.rank :: self.world.size]:
+            batch = {k: v.to(self.device) for k, v in self.stage.collate(part).items()}
             with self.autocast():
-                _, shares = self.stage.step_loss(self.model, batch, norm)
+                _, shares = self.stage.step_loss(self.runs, batch, norm)
             for key, value in shares.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         self.model.train(was_training)
+        if self.world.many:
+            # Every rank reports the same keys, a rank without an eval batch included.
+            names = from_main(sorted(sums), self.world)  # rank 0 always has the first batch
+            sums = sum_values({k: sums.get(k, 0.0) for k in names}, self.world)
         if self.stage.summarize is not None:
             sums = self.stage.summarize(sums)
         return {f"eval_{k}": v for k, v in sums.items()}
@@ -282,9 +322,14 @@ class Trainer:
             "tokens": self.tokens_seen,
             "seconds": self.seconds,
         }
-        return save_training_state(
-            self.checkpoints, self.step, self.model, self.optimizer, self.scheduler, self.scaler, state
-        )
+        folder = self.checkpoints.root / f"step-{self.step}"
+        if self.world.main:
+            folder = save_training_state(
+                self.checkpoints, self.step, self.model, self.optimizer, self.scheduler, self.scaler, state
+            )
+        # The others wait, so that no rank runs ahead of a checkpoint that is not complete yet.
+        barrier(self.world)
+        return folder
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._signal is not None:

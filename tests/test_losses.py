@@ -11,6 +11,7 @@ import torch
 
 from qalign.losses import sft_loss
 from qalign.recipe import DataSpec, TrainSpec
+from qalign.distributed import SINGLE, World
 from qalign.train import Stage, Trainer, lr_factor, total_steps
 
 
@@ -143,8 +144,10 @@ def test_total_steps_edge_cases():
 # -- Trainer.micro_batches ------------------------------------------------------------------------------
 
 
-def trainer_for(n: int, seed: int = 0, batch_size: int = 4, grad_accum: int = 2) -> Trainer:
-    """A Trainer with only what micro_batches reads (no model or optimizer)."""
+def trainer_for(
+    n: int, seed: int = 0, batch_size: int = 4, grad_accum: int = 2, world: World = SINGLE
+) -> Trainer:
+    """A Trainer with only what micro_batches and share read (no model or optimizer)."""
     s = spec(batch_size=batch_size, grad_accum=grad_accum, epochs=3)
     stage = Stage(
         name="sft",
@@ -156,8 +159,8 @@ def trainer_for(n: int, seed: int = 0, batch_size: int = 4, grad_accum: int = 2)
         weight=lambda example: 1,
     )
     trainer = Trainer.__new__(Trainer)
-    trainer.stage, trainer.spec, trainer.seed = stage, s, seed
-    trainer.total, trainer.per_epoch = total_steps(s, n)
+    trainer.stage, trainer.spec, trainer.seed, trainer.world = stage, s, seed, world
+    trainer.total, trainer.per_epoch = total_steps(s, n, world.size)
     return trainer
 
 
@@ -181,3 +184,30 @@ def test_micro_batches_are_a_pure_function_of_seed_and_step():
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled each epoch
     other = [e for step in (0, 1) for b in trainer_for(10, seed=1).micro_batches(step) for e in b]
     assert other != epochs[0]
+
+
+def test_ranks_share_the_micro_batches_one_process_would_take():
+    """2 processes with grad_accum 1 take, at every step, the micro-batches 1 process with grad_accum 2 takes:
+    rank 0 the first, rank 1 the second. 10 examples in batches of 4 make 3 micro-batches an epoch, so each
+    epoch's second step has one; rank 1 repeats it with its weight zero (each backward is a collective)."""
+    one = trainer_for(10, grad_accum=2)
+    ranks = [trainer_for(10, grad_accum=1, world=World(rank, 2)) for rank in range(2)]
+    assert one.per_epoch == ranks[0].per_epoch == 2
+    for step in range(6):
+        micro = one.micro_batches(step)
+        assert ranks[0].micro_batches(step) == ranks[1].micro_batches(step) == micro
+        shares = [r.share(micro) for r in ranks]
+        if len(micro) == 2:
+            assert shares == [[(micro[0], True)], [(micro[1], True)]]
+        else:
+            assert shares == [[(micro[0], True)], [(micro[0], False)]]
+    # Every example trained once an epoch, whatever the process count.
+    counted = [
+        e
+        for step in (0, 1)
+        for r in ranks
+        for batch, on in r.share(r.micro_batches(step))
+        if on
+        for e in batch
+    ]
+    assert sorted(counted) == list(range(10))

@@ -1,0 +1,225 @@
+"""More than one process: the world a worker belongs to, the few collectives the loop needs, and the launcher.
+
+Workers are started by torch's own launcher (`torch.distributed.run`, the engine behind `torchrun`), by
+`qalign ... --nproc N` or by the user; the process group is torch.distributed's (NCCL on CUDA, gloo on a CPU),
+and gradients are averaged by DistributedDataParallel. Rank 0 alone writes files and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from qalign.errors import UserError
+
+T = TypeVar("T")
+
+# Where each worker leaves its one-line failure for `--nproc`'s launcher to report (set by the launcher).
+ERRORS_ENV = "QALIGN_ERRORS_DIR"
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def world_from_env() -> World:
+    """The world torchrun's environment describes (one process when there is none)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(world: World) -> torch.device:
+    """Join the process group (once) and return this worker's device: its own GPU, never a shared `auto` map."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world.many and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def leave(world: World) -> None:
+    if world.many and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_values(values: dict[str, float], world: World) -> dict[str, float]:
+    """Each key summed over every rank (every rank must pass the same keys)."""
+    if not world.many or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(_on_backend(tensor))
+    return (
+        dict(zip(keys, tensor.tolist(), strict=True))
+        if tensor.device.type == "cpu"
+        else dict(zip(keys, _on_backend(tensor).cpu().tolist(), strict=True))
+    )
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when it is true on any: how ranks agree to stop at the same step."""
+    if not world.many:
+        return flag
+    tensor = _on_backend(torch.tensor([1.0 if flag else 0.0]))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def from_main(value: object, world: World) -> object:
+    """Rank 0's `value` on every rank (anything picklable)."""
+    if not world.many:
+        return value
+    box = [value if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_rows(part: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's rows, in rank order (ranks may hold different row counts)."""
+    if not world.many:
+        return part
+    pieces: list = [None] * world.size
+    dist.all_gather_object(pieces, part.cpu())
+    return torch.cat(pieces)
+
+
+def barrier(world: World) -> None:
+    if world.many:
+        dist.barrier()
+
+
+def _on_backend(tensor: torch.Tensor) -> torch.Tensor:
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+    if dist.get_backend() == "nccl":
+        return tensor.cuda()
+    return tensor
+
+
+# -- failures: each worker's one line, for the launcher -------------------------------------------------------
+def record_failure(world: World, message: str, code: int) -> None:
+    """Leave this rank's failure where `--nproc`'s launcher reads it (no-op under a user's own torchrun)."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"rank-{world.rank}.json"
+    path.write_text(json.dumps({"rank": world.rank, "message": message, "code": code, "time": time.time()}))
+
+
+def first_failure(folder: Path) -> dict | None:
+    records = []
+    for path in folder.glob("rank-*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(records, key=lambda r: (r["time"], r["rank"])) if records else None
+
+
+def launch(nproc: int, argv: list[str]) -> tuple[int, str | None]:
+    """Run `qalign <argv>` in `nproc` workers through torch.distributed.run on this machine: (the exit code, the
+    first failing rank's one-line message). The workers print nothing but rank 0's output."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher's own log lines (rendezvous, worker exits) are not for the user.
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"qalign-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        # Ctrl-C reaches the launcher, which passes it on to every worker: they finish the step and save one
+        # checkpoint together; only a worker still busy after this long is killed.
+        shutdown_timeout=600,
+    )
+    with tempfile.TemporaryDirectory(prefix="qalign-ranks-") as folder:
+        os.environ[ERRORS_ENV] = folder
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        try:
+            elastic_launch(config, sys.executable)("-m", "qalign", *argv)
+        except SignalException as exc:
+            failure = first_failure(Path(folder))
+            if failure is not None:
+                return int(failure["code"]), failure["message"]
+            return 128 + int(exc.sigval), f"{exc.sigval.name}: the workers were stopped"
+        except ChildFailedError as exc:
+            failure = first_failure(Path(folder))
+            if failure is not None:
+                return int(failure["code"]), failure["message"]
+            # A crash rather than a qalign error: the rank's traceback is above, on its stderr.
+            rank, first = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+            return (
+                first.exitcode if first.exitcode > 0 else 1
+            ), f"worker {rank} failed (exit code {first.exitcode})"
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
+    return 0, None
+
+
+def main_decides(decide: Callable[[], T], world: World) -> T:
+    """What rank 0's `decide()` returns, on every rank; a UserError it raises is raised on every rank (so that
+    a refusal stops the whole run, not rank 0 alone). For decisions that read or change the disk."""
+    if not world.many:
+        return decide()
+    outcome: tuple[str, object] | None = None
+    if world.main:
+        try:
+            outcome = ("value", decide())
+        except UserError as exc:
+            from_main(("error", str(exc)), world)
+            raise
+    kind, value = from_main(outcome, world)
+    if kind == "error":
+        raise UserError(str(value))
+    return value  # type: ignore[return-value]
+
+
+def replicate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model's decoder under DistributedDataParallel, which averages the trainable parameters' gradients
+    over the ranks in the backward of each step's last micro-batch (see Trainer._sync). Every rank built the
+    same adapter from the same seed; DDP also broadcasts rank 0's at the start."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from qalign.logprobs import DecoderCall
+
+    # find_unused_parameters stays off: every LoRA weight gets a gradient each step, and with non-reentrant
+    # checkpointing off is what works (reentrant checkpointing with it on crashes).
+    return DistributedDataParallel(
+        DecoderCall(model), device_ids=[device.index] if device.type == "cuda" else None
+    )

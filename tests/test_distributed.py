@@ -1,0 +1,127 @@
+"""More than one process, on a CPU over gloo: `--nproc 2` trains what one process with twice the accumulation
+trains, an interrupted run resumes (under another process count) to the uninterrupted result, and a worker's
+error is one line. Real processes (the launcher starts workers), so kept few: CI has 2 cores."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import add_dpo, arithmetic_rows, write_jsonl, write_recipe
+from safetensors.torch import load_file
+from test_cli_sft import ENV, QALIGN, qalign, qalign_process, wait_for
+
+# fp32: the comparisons are to summation order, which bf16 would blur.
+FP32 = ("--set", "model.compute_dtype=fp32")
+
+
+def adapter(run: Path, stage: str) -> dict:
+    return load_file(str(run / stage / "adapter" / "adapter_model.safetensors"))
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def losses(run: Path, stage: str) -> list[float]:
+    lines = (run / stage / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_model) -> Path:
+    folder = tmp_path_factory.mktemp("distributed")
+    path = write_recipe(folder, tiny_model(), max_steps=4, grad_accum=1, save_every=2, eval_every=2)
+    add_dpo(path, max_steps=2, grad_accum=1)
+    data = yaml.safe_load(path.read_text())
+    data["lora"]["dropout"] = 0.0  # dropout masks follow the micro-batch layout, which differs by rank
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """qalign in a real process with one thread per process: a matrix multiply sums in another order on two
+    threads than on one, so only then can one process and two agree to the bit."""
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*QALIGN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_processes(recipe) -> Path:
+    for stage in ("sft", "dpo"):
+        done = process(
+            stage, str(recipe), "--nproc", "2", *FP32, "--set", "output_dir=runs/two", cwd=recipe.parent
+        )
+        assert done.returncode == 0, done.stderr
+    return recipe.parent / "runs" / "two"
+
+
+def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains(recipe, two_processes):
+    one = recipe.parent / "runs" / "one"
+    for stage in ("sft", "dpo"):
+        args = ("--set", "output_dir=runs/one", "--set", f"{stage}.grad_accum=2")
+        done = process(stage, str(recipe), "--nproc", "1", *FP32, *args, cwd=recipe.parent)
+        assert done.returncode == 0, done.stderr
+        # The same sums in the same order: identical, not merely close.
+        assert largest_difference(adapter(two_processes, stage), adapter(one, stage)) == 0.0
+        # Logged metrics are the whole step's, summed over the ranks, not rank 0's half.
+        assert losses(two_processes, stage) == pytest.approx(losses(one, stage), rel=1e-12, abs=0)
+        assert len(losses(two_processes, stage)) == len(losses(one, stage)) > 0
+    # Rank 0 alone wrote the DPO reference, once per dataset (train and eval).
+    assert len(list((two_processes / "dpo" / "reference").iterdir())) == 2
+
+
+def test_an_interrupted_run_resumes_under_another_process_count(recipe, two_processes):
+    run = ["sft", str(recipe), *FP32, "--set", "output_dir=runs/cut", "--set", "sft.save_every=100"]
+    proc = subprocess.Popen(
+        [*QALIGN, *run, "--nproc", "2"],
+        cwd=recipe.parent,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = recipe.parent / "runs" / "cut" / "sft" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "saved a checkpoint at step" in err and "Traceback" not in err
+    # The same global batch on one process: grad_accum 2 instead of 2 processes with 1.
+    done = qalign(*run, "--set", "sft.grad_accum=2", cwd=recipe.parent)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout
+    assert (
+        largest_difference(adapter(recipe.parent / "runs" / "cut", "sft"), adapter(two_processes, "sft"))
+        < 1e-5
+    )
+
+
+def test_a_workers_error_is_one_line_and_exit_2(recipe):
+    folder = recipe.parent
+    write_jsonl(folder / "data" / "broken.jsonl", [*arithmetic_rows(1), {"messages": 5}])
+    done = qalign_process(
+        "sft",
+        str(recipe),
+        "--nproc",
+        "2",
+        "--set",
+        "sft.data.train=data/broken.jsonl",
+        "--set",
+        "output_dir=runs/bad",
+        cwd=folder,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"error: {folder / 'data' / 'broken.jsonl'}:2: 'messages' must be a list, got int"], (
+        done.stderr
+    )
+    assert not (folder / "runs" / "bad").exists()
+    # A bad recipe is refused before any worker starts.
+    done = qalign("sft", str(recipe), "--nproc", "2", "--set", "sft.lrr=1", cwd=folder)
+    assert done.returncode == 2 and "did you mean 'sft.lr'" in done.stderr
