@@ -36,7 +36,11 @@ def losses(run: Path, stage: str) -> list[float]:
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_model) -> Path:
     folder = tmp_path_factory.mktemp("distributed")
-    path = write_recipe(folder, tiny_model(), max_steps=4, grad_accum=1, save_every=2, eval_every=2)
+    # 32 rows in batches of 3 are 11 micro-batches an epoch: its sixth step has one, which rank 1 repeats with
+    # zero weight (every backward is a collective).
+    path = write_recipe(
+        folder, tiny_model(), max_steps=6, batch_size=3, grad_accum=1, save_every=3, eval_every=3
+    )
     add_dpo(path, max_steps=2, grad_accum=1)
     data = yaml.safe_load(path.read_text())
     data["lora"]["dropout"] = 0.0  # dropout masks follow the micro-batch layout, which differs by rank

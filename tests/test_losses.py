@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from qalign.distributed import SINGLE, World
 from qalign.losses import sft_loss
 from qalign.recipe import DataSpec, TrainSpec
-from qalign.distributed import SINGLE, World
 from qalign.train import Stage, Trainer, lr_factor, total_steps
 
 
