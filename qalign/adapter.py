@@ -62,10 +62,18 @@ def adapter_digest(adapter: Path) -> str:
     return digest.hexdigest()[:20]
 
 
-def save_adapter(model: torch.nn.Module, tokenizer: object, target: Path, metadata: dict, card: str) -> None:
-    """Write the finished adapter atomically, replacing an earlier one only once the new one is complete."""
+def save_adapter(
+    model: torch.nn.Module,
+    tokenizer: object,
+    target: Path,
+    metadata: dict,
+    card: str,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the finished adapter atomically, replacing an earlier one only once the new one is complete.
+    `weights`: the trainable weights gathered whole, when the model is sharded over processes."""
     with atomic_dir(target, replace=target.exists()) as folder:
-        model.save_pretrained(str(folder), selected_adapters=["default"])
+        model.save_pretrained(str(folder), selected_adapters=["default"], state_dict=weights)
         tokenizer.save_pretrained(str(folder))
         generation = _generation_config(model, tokenizer)
         if generation is not None:

@@ -269,13 +269,16 @@ def save_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     state: dict,
+    whole: tuple[dict, dict] | None = None,
 ) -> Path:
-    """Checkpoint `step`: everything an exact resume needs, plus `state` in trainer_state.json."""
+    """Checkpoint `step`: everything an exact resume needs, plus `state` in trainer_state.json. `whole`: the
+    adapter's weights and the optimizer's state gathered from a model sharded over processes."""
 
     def write(folder: Path) -> None:
         # Only the trained adapter: DPO's live reference is a frozen copy of the starting one.
-        model.save_pretrained(str(folder), selected_adapters=["default"])
-        save_torch(optimizer.state_dict(), folder / "optimizer.pt")
+        weights, optimizer_state = whole if whole is not None else (None, optimizer.state_dict())
+        model.save_pretrained(str(folder), selected_adapters=["default"], state_dict=weights)
+        save_torch(optimizer_state, folder / "optimizer.pt")
         save_torch(scheduler.state_dict(), folder / "scheduler.pt")
         save_torch(capture_rng_state(), folder / "rng.pt")
         if scaler.is_enabled():
@@ -290,13 +293,20 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    sharded: bool = False,
 ) -> dict:
-    """Load checkpoint `folder` into the objects save_training_state wrote it from; returns its state."""
+    """Load checkpoint `folder` into the objects save_training_state wrote it from; returns its state. A model
+    sharded over processes takes the same files (whole tensors), each rank keeping its shard."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-    optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
+    if sharded:
+        from qalign.distributed import load_full_optimizer_state
+
+        load_full_optimizer_state(model, optimizer, load_torch(folder / "optimizer.pt"))
+    else:
+        optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
     scheduler.load_state_dict(load_torch(folder / "scheduler.pt"))
     if scaler.is_enabled() and (folder / "scaler.pt").exists():
         scaler.load_state_dict(load_torch(folder / "scaler.pt"))

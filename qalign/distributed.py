@@ -7,6 +7,7 @@ and gradients are averaged by DistributedDataParallel. Rank 0 alone writes files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -220,6 +221,126 @@ def replicate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     # find_unused_parameters stays off: every LoRA weight gets a gradient each step, and with non-reentrant
     # checkpointing off is what works (reentrant checkpointing with it on crashes).
+    # broadcast_buffers off: the decoder's buffers (rotary tables) are the same on every rank by construction,
+    # and the broadcast would be one more collective per forward.
     return DistributedDataParallel(
-        DecoderCall(model), device_ids=[device.index] if device.type == "cuda" else None
+        DecoderCall(model),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
     )
+
+
+# -- fsdp: the 4-bit base sharded over the ranks ---------------------------------------------------------------
+def shard(model: torch.nn.Module, world: World, device: torch.device) -> tuple[int, int]:
+    """FSDP2 (`fully_shard`), in place: every decoder layer is a unit whose weights (the 4-bit base's included)
+    are split over the ranks and gathered only while it runs; the decoder is the root unit. The LM head stays
+    whole on every rank (the loss multiplies by its weight directly, outside any unit's forward), and so does a
+    tied input embedding. Returns (bytes of weights this rank holds, bytes of the whole model)."""
+    import bitsandbytes as bnb
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from qalign.logprobs import base_model
+
+    for module in model.modules():
+        layer = module if isinstance(module, bnb.nn.Linear4bit) else getattr(module, "base_layer", None)
+        if isinstance(layer, bnb.nn.Linear4bit):
+            module.register_forward_pre_hook(_quant_state_hook(layer))
+    mesh = init_device_mesh(device.type, (world.size,))
+    base = base_model(model)
+    decoder = base.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise UserError(
+            f"distributed.strategy: fsdp: {type(decoder).__name__} has no `layers` to shard; use ddp"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    head = base.get_output_embeddings()
+    tied = {p for p in decoder.parameters() if head is not None and p is head.weight}
+    fully_shard(decoder, mesh=mesh, ignored_params=tied or None)
+    return _bytes(model, local=True), _bytes(model, local=False)
+
+
+def _bytes(model: torch.nn.Module, local: bool) -> int:
+    """Bytes of the model's weights this rank holds (local) or all ranks together."""
+    total = 0
+    for p in model.parameters():
+        tensor = p.to_local() if local and hasattr(p, "to_local") else p
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _quant_state_hook(layer: torch.nn.Module) -> Callable:
+    """Gathering a unit's weights gives each 4-bit weight a new tensor without the quantization state, which
+    bitsandbytes keeps on the layer too: put it back before the layer (or the LoRA layer around it) runs."""
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        weight = layer.weight
+        if getattr(weight, "quant_state", None) is None:
+            weight.quant_state = layer.quant_state
+
+    return hook
+
+
+def gradient_sync(model: torch.nn.Module, on: bool) -> contextlib.AbstractContextManager:
+    """Whether this backward reduces gradients over the ranks (the last micro-batch of a step does)."""
+    if isinstance(getattr(model, "module", None), torch.nn.Module) and hasattr(model, "no_sync"):
+        return contextlib.nullcontext() if on else model.no_sync()
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_requires_gradient_sync(on, recurse=False)
+    return contextlib.nullcontext()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_states(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the trainable weights, the optimizer's state) whole, from a sharded model: a collective (every rank
+    calls it); rank 0 gets the tensors. The optimizer's state is keyed by parameter index, as
+    `optimizer.state_dict()` keys it on one process, so a checkpoint resumes under either strategy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = full_weights(model)
+    named = get_optimizer_state_dict(model, optimizer, options=options)
+    index = {name: i for i, name in enumerate(_trainable_names(model))}
+    groups = [{**g, "params": [index[name] for name in g["params"]]} for g in named.get("param_groups", [])]
+    return weights, {
+        "state": {index[k]: v for k, v in named.get("state", {}).items()},
+        "param_groups": groups,
+    }
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights of a sharded model, whole (a collective; rank 0 gets them, on the CPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load an optimizer state keyed by parameter index (any checkpoint) into a sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _trainable_names(model)
+    named = {
+        "state": {names[int(i)]: v for i, v in saved["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]

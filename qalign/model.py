@@ -118,8 +118,10 @@ def load_tokenizer(
     return tokenizer
 
 
-def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
-    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, or plain weights for `none`."""
+def load_base(spec: ModelSpec, device: torch.device, sharded: bool = False) -> torch.nn.Module:
+    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, or plain weights for `none`. `sharded`: the
+    packed 4-bit weights are stored in the compute dtype, as FSDP wants every weight of a unit in one dtype
+    (bitsandbytes reads the bytes the same either way)."""
     dtype = compute_dtype(spec.compute_dtype, device)
     quantization = None
     if spec.quantization != "none":
@@ -128,7 +130,7 @@ def load_base(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
             bnb_4bit_quant_type=spec.quantization,
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )
     kwargs = {}
     unreachable = hub_unreachable(spec.base)

@@ -388,6 +388,18 @@ class ExportSpec(_Section):
     )
 
 
+class DistributedSpec(_Section):
+    """More than one process (`--nproc N`, torchrun): how the work is split."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole 4-bit model and its adapter; gradients are averaged. "
+        "fsdp: each decoder layer's weights, the 4-bit base's included, are split over the processes and "
+        "gathered while the layer runs (FSDP2), for a model whose 4-bit weights do not fit one GPU. One process "
+        "ignores it.",
+    )
+
+
 class Recipe(_Section):
     """The whole recipe: one YAML file that drives every stage; relative paths are relative to it."""
 
@@ -417,6 +429,11 @@ class Recipe(_Section):
         None,
         description="When present, `qalign run` ends by writing GGUF files from the merged model (after the "
         "merge, so it needs a `merge` section).",
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="How more than one process shares the training (`qalign sft --nproc N`); every key has a "
+        "default.",
     )
 
     @field_validator("report_to")

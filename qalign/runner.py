@@ -18,7 +18,17 @@ from transformers import set_seed
 from qalign import __version__
 from qalign.adapter import model_card, read_metadata, save_adapter
 from qalign.checkpoint import CheckpointManager
-from qalign.distributed import SINGLE, World, barrier, from_main, join, main_decides, replicate
+from qalign.distributed import (
+    SINGLE,
+    World,
+    barrier,
+    from_main,
+    full_weights,
+    join,
+    main_decides,
+    replicate,
+    shard,
+)
 from qalign.errors import UserError
 from qalign.identity import DTYPE_NAMES, START_CHANGE, fingerprint_changes, stage_identity
 from qalign.layout import RunLayout, StagePaths, check_output_dir, claim_output_dir, starting_adapter
@@ -111,7 +121,8 @@ def run_stage(
         recipe, plan_total, fingerprint, resume_from = main_decides(decide, world)
         if resume_from == "done":
             return paths.adapter
-        model = load_model(recipe, name, device, dtype, start, progress)
+        sharded = world.many and recipe.distributed.strategy == "fsdp"
+        model = load_model(recipe, name, device, dtype, start, progress, sharded)
         context = StageContext(
             recipe,
             getattr(recipe, name),
@@ -134,11 +145,19 @@ def run_stage(
         trackers = Trackers(
             recipe.report_to if world.main else [], paths, f"{recipe.name}-{name}", config, progress.warn
         )
-        runs = replicate(model, device) if world.many else model
+        if sharded:
+            held, whole = shard(model, world, device)
+            progress.info(
+                f"fsdp: each of {world.size} processes holds {held / 2**20:,.1f} MiB of the model's "
+                f"{whole / 2**20:,.1f} MiB of weights"
+            )
+        runs = replicate(model, device) if world.many and not sharded else model
         trainer = Trainer(
             stage, runs, paths, recipe.seed, device, dtype, progress, fingerprint, trackers, world
         )
         final = trainer.fit(resume_from, recipe.to_yaml())
+        # A sharded adapter is gathered by every rank together; rank 0 writes it.
+        weights = full_weights(model) if sharded else None
         if not world.main:
             barrier(world)  # rank 0 saves the adapter
             return paths.adapter
@@ -158,7 +177,7 @@ def run_stage(
             "steps": trainer.total,
             "run": fingerprint,
         }
-        save_adapter(model, tokenizer, paths.adapter, metadata, model_card(metadata, final))
+        save_adapter(model, tokenizer, paths.adapter, metadata, model_card(metadata, final), weights)
         peak, kind = measured_peak()
         trainer.metrics.append(
             {
@@ -334,13 +353,14 @@ def load_model(
     dtype: torch.dtype,
     start: Path | None,
     progress: Progress,
+    sharded: bool = False,
 ) -> torch.nn.Module:
     """The 4-bit base with a trainable adapter: fresh, or continued from `start`."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # Seeded before the adapter exists: LoRA's initial weights come from the global RNG.
     set_seed(recipe.seed)
-    base = load_base(recipe.model, device)
+    base = load_base(recipe.model, device, sharded)
     progress.info(
         f"base {recipe.model.base}: {footprint_bytes(base) / 2**20:,.1f} MiB in memory "
         f"({recipe.model.quantization}, compute {DTYPE_NAMES[dtype]}, {device.type})"

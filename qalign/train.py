@@ -16,9 +16,19 @@ import torch
 
 from qalign.atomic import atomic_write_text
 from qalign.checkpoint import CheckpointManager, restore_training_state, save_training_state
-from qalign.distributed import SINGLE, World, any_rank, barrier, from_main, sum_values
+from qalign.distributed import (
+    SINGLE,
+    World,
+    any_rank,
+    barrier,
+    full_states,
+    gradient_sync,
+    is_sharded,
+    sum_values,
+)
 from qalign.errors import TrainingStopped
 from qalign.layout import StagePaths
+from qalign.logprobs import unwrap
 from qalign.metrics import MetricsLog, mean_record
 from qalign.progress import Progress
 from qalign.recipe import TrainSpec
@@ -89,7 +99,8 @@ class Trainer:
         step; rank 0 alone writes."""
         self.stage, self.spec, self.world = stage, stage.spec, world
         self.runs = model  # what the step losses call: the model, or the decoder's DDP wrapper
-        self.model = model.module.model if world.many else model
+        self.model = unwrap(model)
+        self.sharded = world.many and is_sharded(self.model)
         self.paths, self.seed, self.progress = paths, seed, progress
         self.device, self.dtype, self.fingerprint = device, dtype, fingerprint
         self.skipped = 0
@@ -127,9 +138,9 @@ class Trainer:
         return [[self.stage.train[i] for i in batch] for batch in chosen]
 
     def share(self, micro: list[list]) -> list[tuple[list, bool]]:
-        """This rank's micro-batches of a step, each with whether it counts: every rank runs as many as the
-        busiest one (each backward is a collective), so a rank short of data at an epoch's end repeats one
-        with its loss weighted zero."""
+        """This rank's micro-batches of a step (or of the eval set), each with whether it counts: every rank
+        runs as many as the busiest one (each backward, and a sharded forward, is a collective), so a rank short
+        of data repeats one with its weight zero."""
         mine = micro[self.world.rank :: self.world.size]
         busiest = math.ceil(len(micro) / self.world.size)
         return [(batch, True) for batch in mine] + [(micro[0], False)] * (busiest - len(mine))
@@ -139,7 +150,7 @@ class Trainer:
         """Train to the last step (from checkpoint `resume_from` when given); returns the last logged record."""
         if resume_from is not None:
             state = restore_training_state(
-                resume_from, self.model, self.optimizer, self.scheduler, self.scaler
+                resume_from, self.model, self.optimizer, self.scheduler, self.scaler, self.sharded
             )
             self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
             self.tokens_seen, self.seconds = int(state.get("tokens", 0)), float(state.get("seconds", 0.0))
@@ -259,11 +270,9 @@ class Trainer:
             record["skipped_steps"] = self.skipped
         return record
 
-    def _sync(self, last: bool):
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are averaged over the ranks once per step, in the backward of its last micro-batch."""
-        if self.world.many and not last:
-            return self.runs.no_sync()
-        return contextlib.nullcontext()
+        return gradient_sync(self.runs, last) if self.world.many else contextlib.nullcontext()
 
     def _bad_step(self, problem: str, record: dict) -> dict:
         """A non-finite loss or gradient: stop keeping the last good checkpoint, or skip the step (nan_policy)."""
@@ -296,17 +305,15 @@ class Trainer:
         sums: dict[str, float] = {}
         size = self.spec.batch_size
         batches = [examples[i : i + size] for i in range(0, len(examples), size)]
-        for part in batches[self.world.rank :: self.world.size]:
+        # As in training, every rank runs as many batches as the busiest (a sharded forward is a collective).
+        for part, counts in self.share(batches):
             batch = {k: v.to(self.device) for k, v in self.stage.collate(part).items()}
             with self.autocast():
                 _, shares = self.stage.step_loss(self.runs, batch, norm)
             for key, value in shares.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] = sums.get(key, 0.0) + (float(value) if counts else 0.0)
         self.model.train(was_training)
-        if self.world.many:
-            # Every rank reports the same keys, a rank without an eval batch included.
-            names = from_main(sorted(sums), self.world)  # rank 0 always has the first batch
-            sums = sum_values({k: sums.get(k, 0.0) for k in names}, self.world)
+        sums = sum_values(sums, self.world)
         if self.stage.summarize is not None:
             sums = self.stage.summarize(sums)
         return {f"eval_{k}": v for k, v in sums.items()}
@@ -323,9 +330,18 @@ class Trainer:
             "seconds": self.seconds,
         }
         folder = self.checkpoints.root / f"step-{self.step}"
+        # A sharded adapter and optimizer are gathered by every rank together; rank 0 writes them.
+        whole = full_states(self.model, self.optimizer) if self.sharded else None
         if self.world.main:
             folder = save_training_state(
-                self.checkpoints, self.step, self.model, self.optimizer, self.scheduler, self.scaler, state
+                self.checkpoints,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                state,
+                whole,
             )
         # The others wait, so that no rank runs ahead of a checkpoint that is not complete yet.
         barrier(self.world)
