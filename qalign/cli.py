@@ -496,6 +496,14 @@ def plan(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout (messages go to stderr).")
     ] = False,
+    nproc: Annotated[
+        str,
+        typer.Option(
+            "--nproc",
+            metavar="N|auto",
+            help="Plan each of N processes (ddp and fsdp); auto: one per visible CUDA device.",
+        ),
+    ] = "auto",
 ) -> None:
     """Predict the peak memory of a training stage from the model's config and the data's lengths."""
     import json
@@ -517,14 +525,34 @@ def plan(
         progress = Progress(err_console if as_json else console, err_console)
         from qalign.stage_data import planned_lengths
 
+        processes = _processes(nproc)
         lengths = planned_lengths(loaded, present[0], progress)
         result, decided = plan_recipe(loaded, present[0], limit, lengths)
+        if processes > 1:
+            from qalign.memory import per_process
+            from qalign.model_shapes import describe, load_config
+
+            config, source = load_config(loaded.model)
+            layers = describe(config, loaded.model, source).layers
+            plans = {s: per_process(result, layers, processes, s) for s in ("ddp", "fsdp")}
+            result = plans[loaded.distributed.strategy]
         if as_json:
-            sys.stdout.write(json.dumps(result.to_json()) + "\n")
+            payload = result.to_json()
+            if processes > 1:
+                payload["processes"] = processes
+                payload["strategy"] = loaded.distributed.strategy
+                payload["per_process_total_bytes"] = {s: p.total_bytes for s, p in plans.items()}
+            sys.stdout.write(json.dumps(payload) + "\n")
             return
         from qalign.plan_table import show_plan
 
         show_plan(console, result, decided)
+        if processes > 1:
+            console.print(
+                f"each of {processes} processes: "
+                + ", ".join(f"{s} {p.total_bytes / 2**30:.2f} GiB" for s, p in plans.items())
+                + f" (the recipe's distributed.strategy: {loaded.distributed.strategy})"
+            )
 
 
 @app.command("chat")

@@ -45,7 +45,9 @@ def test_the_recipe_maps_fields_to_columns_and_names_a_field_no_format_reads():
     with pytest.raises(UserError, match=r"recipe.yaml:10: dpo.data.columns: unknown field 'instruction'; the "
                        r"fields are: prompt, chosen, rejected, tools, completion, label$"):  # fmt: skip
         parse(dpo_columns="{instruction: q}")
-    assert parse(dpo_columns="{completion: answer, label: thumbs_up}").dpo.data.columns["label"] == "thumbs_up"
+    assert (
+        parse(dpo_columns="{completion: answer, label: thumbs_up}").dpo.data.columns["label"] == "thumbs_up"
+    )
 
 
 def test_two_fields_reading_one_column_is_an_error():

@@ -243,3 +243,41 @@ def test_the_loss_head_is_one_chunk_of_logits_whatever_the_vocabulary():
     arch.vocab = 256_512
     bigger = memory.estimate(arch, recipe, "sft", memory.Lengths(), "cuda", 24 * memory.GiB)
     assert bigger.components["logits"] == 2047 * (2 * 4096 * 2 + 4 + 8) + 64 * 256_512 * 8
+
+
+def test_plan_per_process_for_both_strategies(tmp_path):
+    """`qalign plan --nproc 4` on Llama-3.1-8B's config: ddp holds everything on each process plus DDP's bucket
+    copy of the adapter's gradients; fsdp splits the decoder layers' weights and the adapter four ways and adds
+    two gathered layers, keeping the embedding and LM head whole."""
+    recipe = Path(__file__).parent.parent / "recipes" / "llama-3.1-8b-instruct-24gb.yaml"
+    args = ("plan", str(recipe), "--stage", "sft", "--gpu-memory", "24GiB", "--json")
+    one = json.loads(qalign(*args, "--nproc", "1", cwd=tmp_path).stdout)
+    four = json.loads(qalign(*args, "--nproc", "4", cwd=tmp_path).stdout)
+    assert "per_process_total_bytes" not in one
+    per = four["per_process_total_bytes"]
+    c = one["components"]
+    assert per["ddp"] == one["total_bytes"] + c["lora_gradients"] == four["total_bytes"]
+    detail = one["base_weights_detail"]
+    whole = detail["embeddings"] + detail["lm_head"] + detail["buffers"]
+    layers = 32
+    layer = (c["base_weights"] - whole + c["lora_weights"]) / layers
+    shared = -(-(c["base_weights"] - whole) // 4) + sum(
+        -(-c[k] // 4) for k in ("lora_weights", "lora_gradients", "optimizer_states")
+    )
+    rest = (
+        one["total_bytes"]
+        - c["base_weights"]
+        - c["lora_weights"]
+        - c["lora_gradients"]
+        - c["optimizer_states"]
+    )
+    expected = whole + shared + int(2 * layer) + int(2 * c["lora_gradients"] / layers) + rest
+    assert per["fsdp"] == expected
+    assert per["fsdp"] < one["total_bytes"] - 2 * 2**30  # the 8B base's 4-bit layers, 4 ways: GiBs saved
+    done = qalign(
+        "plan", str(recipe), "--stage", "sft", "--gpu-memory", "24GiB", "--nproc", "4", cwd=tmp_path
+    )
+    assert (
+        f"each of 4 processes: ddp {per['ddp'] / 2**30:.2f} GiB, fsdp {per['fsdp'] / 2**30:.2f} GiB"
+        in done.stdout
+    )
