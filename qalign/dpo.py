@@ -340,18 +340,30 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
             spec.label_smoothing,
         )
         loss = losses.sum() / norm
-        metrics = {
-            "loss": loss.detach(),
-            "rewards/chosen": chosen_rewards.sum() / norm,
-            "rewards/rejected": rejected_rewards.sum() / norm,
-            "rewards/margin": (chosen_rewards - rejected_rewards).sum() / norm,
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum() / norm,
-            "logps/chosen": policy[:half].detach().sum() / norm,
-            "logps/rejected": policy[half:].detach().sum() / norm,
-        }
-        return loss, metrics
+        return loss, pair_metrics(loss, chosen_rewards, rejected_rewards, policy, norm)
 
     return step
+
+
+def pair_metrics(
+    loss: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    logps: torch.Tensor,
+    norm: int,
+) -> dict[str, torch.Tensor]:
+    """A pair objective's metric shares (each divided by the step's pairs): the rewards, their margin and
+    accuracy, and the policy's log-probs of each side (`logps`: chosen then rejected)."""
+    half = chosen_rewards.shape[0]
+    return {
+        "loss": loss.detach(),
+        "rewards/chosen": chosen_rewards.sum() / norm,
+        "rewards/rejected": rejected_rewards.sum() / norm,
+        "rewards/margin": (chosen_rewards - rejected_rewards).sum() / norm,
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum() / norm,
+        "logps/chosen": logps[:half].detach().sum() / norm,
+        "logps/rejected": logps[half:].detach().sum() / norm,
+    }
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

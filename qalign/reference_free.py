@@ -16,7 +16,7 @@ def make_reference_free_step(spec: DpoSpec):
     pairs), as for DPO: rewards/* are beta * the mean token log-prob (SimPO's reward; for ORPO, the same
     quantity TRL logs), logps/* the summed log-probs, as DPO logs them. ORPO also logs `nll` (its SFT term: the
     chosen reply's mean NLL per token) and `log_odds_ratio` (log odds(chosen) - log odds(rejected))."""
-    from qalign.dpo import sequence_logprobs
+    from qalign.dpo import pair_metrics, sequence_logprobs
 
     def step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) -> tuple[torch.Tensor, dict]:
         half = batch["input_ids"].shape[0]
@@ -35,17 +35,7 @@ def make_reference_free_step(spec: DpoSpec):
         else:
             raise ValueError(f"dpo.loss {spec.loss} needs a reference model")
         loss = losses.sum() / norm
-        metrics = {
-            "loss": loss.detach(),
-            "rewards/chosen": chosen_rewards.sum() / norm,
-            "rewards/rejected": rejected_rewards.sum() / norm,
-            "rewards/margin": (chosen_rewards - rejected_rewards).sum() / norm,
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum() / norm,
-            "logps/chosen": sums[:half].detach().sum() / norm,
-            "logps/rejected": sums[half:].detach().sum() / norm,
-            **extra,
-        }
-        return loss, metrics
+        return loss, {**pair_metrics(loss, chosen_rewards, rejected_rewards, sums, norm), **extra}
 
     return step
 
