@@ -27,15 +27,20 @@ def chunk_tokens(vocab: int, budget: int | None = None) -> int:
 
 
 def label_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    packed: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each trained token [N] in fp32, the batch row each belongs to [N]).
 
-    Labels are aligned with input_ids (IGNORE where not trained); position t predicts labels[t + 1].
+    Labels are aligned with input_ids (IGNORE where not trained); position t predicts labels[t + 1]. `packed`
+    (packing.forward_kwargs) runs a packed row: it replaces attention_mask.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    hidden = _hidden_states(base, input_ids, attention_mask, position_ids, packed)
     targets = labels[:, 1:]
     keep = targets != IGNORE
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
@@ -49,15 +54,27 @@ def gathered_logprobs(
     position_ids: torch.Tensor,
     sources: torch.Tensor,
     targets: torch.Tensor,
+    packed: dict | None = None,
 ) -> torch.Tensor:
     """log p(targets[i]) [N] in fp32, each predicted by the hidden state at flat position sources[i] of the
     [batch * length] tokens: for layouts where the predicting token is not simply the previous one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    hidden = _hidden_states(base, input_ids, attention_mask, position_ids, packed)
     return selective_logprobs(base, hidden.flatten(0, 1)[sources], targets)
+
+
+def _hidden_states(
+    base: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    packed: dict | None,
+) -> torch.Tensor:
+    inputs = {"attention_mask": attention_mask, **(packed or {})}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **inputs)
+    return hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
 
 
 def selective_logprobs(base: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

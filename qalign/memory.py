@@ -52,6 +52,9 @@ class Lengths:
     """DPO: most trained positions in one such row (both sides)."""
     lengths: list[int] = field(default_factory=list)
     note: str = ""
+    rows: list[tuple[int, int]] = field(default_factory=list)
+    """(tokens, trained positions) of each example's row in the padded layout (DPO: collate_dpo's pair row):
+    what a packed micro-batch lays end to end."""
 
 
 @dataclass
@@ -149,8 +152,20 @@ def estimate(
 
     # -- activations ----------------------------------------------------------------------------------
     attn = model.attn_implementation or arch.attention
+    packing = packs(arch, recipe, stage, lengths, batch)[0]
     pair_rows = stage == "dpo" and _takes_pair_rows(arch, attn, lengths, max_len)
-    if pair_rows:
+    pair_masks = 0
+    if packing:
+        # One row: the micro-batch's longest examples end to end; attention per example (packing.py), so no
+        # mask for SFT and for DPO only each pair's own [1, 1, n, n] mask.
+        rows = 1
+        longest = 2 * max_len if stage == "dpo" else max_len
+        sizes = sorted(lengths.rows, reverse=True)[:batch] or [(longest, longest - 1)] * batch
+        seq = sum(n for n, _ in sizes)
+        trained = min(seq - 1, sum(t for _, t in sizes))
+        pair_masks = sum(n * n for n, _ in sizes) * a if stage == "dpo" else 0
+        what = f"packed: the {len(sizes)} longest {'pair rows' if stage == 'dpo' else 'examples'} end to end"
+    elif pair_rows:
         # collate_dpo: one row per pair, the shared prompt once, both responses trained.
         rows = batch
         seq = min(lengths.longest_pair, 2 * max_len) if lengths.longest_pair else 2 * max_len
@@ -173,6 +188,8 @@ def estimate(
     # Flash-attention unpads instead; eager always repeats them.
     masked = (pair_rows or rows > 1) and attn != "flash_attention_2"
     mask = rows * seq * seq * (a if pair_rows else 1) if masked else 0
+    if packing:
+        masked, mask = stage == "dpo", pair_masks
     # DPO turns dropout off (runner.disable_dropout); a dropout of 0 saves no copies.
     dropout = recipe.lora.dropout > 0 and stage != "dpo"
     # On a CPU each adapter on a 4-bit base runs as one node (qalign/lora.py) that keeps its shared input.
@@ -209,7 +226,9 @@ def estimate(
         components["dpo_reference"] = reference
         assumptions.append(
             (
-                "DPO: one row per pair (the prompt once, then chosen and rejected, with a "
+                "DPO: the pairs packed in one row, each with its own attention mask; "
+                if packing
+                else "DPO: one row per pair (the prompt once, then chosen and rejected, with a "
                 f"[{rows}, 1, {seq}, {seq}] {dtype} attention mask); "
                 if pair_rows
                 else "DPO: chosen and rejected as 2 rows per pair in one forward (flash-attention or a "
@@ -309,6 +328,27 @@ def _layer_bytes_per_token(
         a * sum(i_f for name, shapes in adapted.items() if name not in known for i_f, _ in shapes) / layers
     )
     return size
+
+
+def packs(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths, batch: int) -> tuple[bool, str]:
+    """(whether the stage's micro-batches are packed, why not when they are not) for `packing: auto`; true
+    and false stand."""
+    from qalign.packing import packing_blocker
+
+    spec: TrainSpec = getattr(recipe, stage)
+    if isinstance(spec.packing, bool):
+        return spec.packing, "" if spec.packing else "packing: false"
+    if batch <= 1:
+        return False, "batch_size 1 has no padding to drop"
+    longest = (
+        (lengths.longest_pair or 2 * spec.max_length)
+        if stage == "dpo"
+        else (lengths.longest or spec.max_length)
+    )
+    blocker = packing_blocker(
+        recipe.model.attn_implementation or arch.attention, arch.sliding_window, None, longest
+    )
+    return not blocker, blocker
 
 
 def _takes_pair_rows(arch: Architecture, attn: str, lengths: Lengths, max_len: int) -> bool:
@@ -430,7 +470,25 @@ def resolve_auto(
                 value *= 2
         resolved["batch_size"] = value
         decided.append(f"{stage}.batch_size auto -> {value}")
+    batch = resolved.get("batch_size", spec.batch_size)
+    if spec.packing is True:
+        check_packing(arch, recipe, stage, lengths)
+    elif spec.packing == "auto":
+        on, why = packs(arch, recipe, stage, lengths, batch)
+        resolved["packing"] = on
+        decided.append(f"{stage}.packing auto -> {str(on).lower()}" + ("" if on else f" ({why})"))
     return resolved, decided
+
+
+def check_packing(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths) -> None:
+    """`packing: true` on a model whose attention cannot keep packed examples apart is an error."""
+    spec: TrainSpec = getattr(recipe, stage)
+    auto = recipe.model_copy(update={stage: spec.model_copy(update={"packing": "auto"})})
+    on, why = packs(arch, auto, stage, lengths, 2)
+    if not on:
+        raise UserError(
+            f"{recipe.source}: {stage}.packing: true, but {why}; set {stage}.packing to auto or false"
+        )
 
 
 def with_settings(recipe: Recipe, stage: str, settings: dict) -> Recipe:
@@ -515,6 +573,7 @@ def lengths_of(examples: list, stage: str) -> Lengths:
         sides = [(e.input_ids, e.labels) for e in examples]
         lengths = [len(e.input_ids) for e in examples]
     return Lengths(
+        rows=pairs or [(len(ids), _trained(labels)) for ids, labels in sides],
         longest=max(lengths),
         longest_trained=max(_trained(labels) for _, labels in sides),
         longest_pair=max((row for row, _ in pairs), default=None),
