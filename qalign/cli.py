@@ -380,6 +380,7 @@ def validate(
         if not present:
             raise UserError(f"{loaded.source}: no {stage or 'sft or dpo'} section to check")
         _quiet_libraries()
+        from qalign.memory import packing_line
         from qalign.model import load_tokenizer
         from qalign.preview import show_example, write_dump
         from qalign.stage_data import load_stage_data
@@ -391,6 +392,7 @@ def validate(
             data = load_stage_data(loaded, name, tokenizer, progress)
             train, evals = data.train, data.eval
             show_example(console, tokenizer, train[0])
+            console.print(packing_line(loaded, name, train))
             if dump is not None and index == 0:
                 write_dump(dump, [*train, *(evals or [])])
                 console.print(f"wrote {len(train) + len(evals or [])} tokenized {name} rows to {dump}")

@@ -605,3 +605,24 @@ def out_of_memory_advice(stage: str, spec: TrainSpec, step: int) -> str:
         f"out of GPU memory at step {step} (peak {peak:.1f} GiB allocated of {total:.1f} GiB); "
         f"the last checkpoint is kept. Try: {'; or '.join(fixes)}"
     )
+
+
+def packing_line(recipe: Recipe, stage: str, examples: list) -> str:
+    """`qalign validate`'s line on the stage's layout: what `packing: auto` resolves to for this model and data
+    (`packing: true` where the attention cannot take it is an error here, as at the start of a run)."""
+    spec: TrainSpec = getattr(recipe, stage)
+    if spec.packing is False:
+        return f"{stage}.packing: false (padded rows)"
+    try:
+        config, source = load_config(recipe.model)
+        arch = describe(config, recipe.model, source)
+    except (UserError, ValueError, ImportError) as exc:
+        return f"{stage}.packing: {spec.packing} (decided when the run starts; the model config: {exc})"
+    lengths = lengths_of(examples, stage)
+    if spec.packing is True:
+        check_packing(arch, recipe, stage, lengths)
+        return f"{stage}.packing: true (one row per micro-batch, no padding)"
+    batch = spec.batch_size if isinstance(spec.batch_size, int) else 2
+    on, why = packs(arch, recipe, stage, lengths, batch)
+    when = " if batch_size auto resolves above 1" if spec.batch_size == "auto" else ""
+    return f"{stage}.packing: auto -> {str(on).lower()}" + (f" ({why})" if why else when)

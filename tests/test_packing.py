@@ -156,3 +156,77 @@ def test_packed_run_equals_padded_run(tmp_path, tiny_model, stage):
     assert moved > 1e-3  # the adapter trained, so agreeing means something
     for name in padded:
         torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-5)
+
+
+def _arch_and_recipe(tmp_path, model, **sft):
+    from qalign.model_shapes import describe, load_config
+    from qalign.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, model, **sft))
+    config, source = load_config(recipe.model)
+    return describe(config, recipe.model, source), recipe
+
+
+def test_auto_packs_with_sdpa_and_a_batch_and_true_that_cannot_is_an_error(tmp_path, tiny_model):
+    from dataclasses import replace
+
+    from qalign.errors import UserError
+    from qalign.memory import Lengths, resolve_auto
+
+    lengths = Lengths(longest=60, rows=[(60, 30), (20, 10)])
+    arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"))
+    assert resolve_auto(arch, recipe, "sft", lengths, "cpu", None)[0]["packing"] is True
+    _, one = _arch_and_recipe(tmp_path / "one", tiny_model("llama"), batch_size=1)
+    resolved, decided = resolve_auto(arch, one, "sft", lengths, "cpu", None)
+    assert resolved["packing"] is False and "batch_size 1" in decided[-1]
+    # A sliding window shorter than the longest example: the segments would not apply it.
+    windowed = replace(arch, sliding_window=32)
+    assert resolve_auto(windowed, recipe, "sft", lengths, "cpu", None)[0]["packing"] is False
+    assert resolve_auto(windowed, recipe, "sft", Lengths(longest=30), "cpu", None)[0]["packing"] is True
+    eager = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"attn_implementation": "eager"})}
+    )
+    resolved, decided = resolve_auto(arch, eager, "sft", lengths, "cpu", None)
+    assert resolved["packing"] is False and "eager" in decided[-1]
+    forced = eager.model_copy(update={"sft": eager.sft.model_copy(update={"packing": True})})
+    with pytest.raises(UserError, match=r"sft\.packing: true, but attention eager"):
+        resolve_auto(arch, forced, "sft", lengths, "cpu", None)
+
+
+def test_gemma2_falls_back_to_padded_rows(tmp_path, tiny_model):
+    from qalign.memory import Lengths, resolve_auto
+
+    arch, recipe = _arch_and_recipe(tmp_path, tiny_model("gemma2"))
+    resolved, decided = resolve_auto(arch, recipe, "sft", Lengths(longest=60), "cpu", None)
+    assert resolved["packing"] is False, decided
+
+
+def test_plan_counts_the_packed_row(tmp_path, tiny_model):
+    from qalign.memory import Lengths, estimate
+
+    arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"), gradient_checkpointing=False, max_length=128)
+    # One long example and three short ones: padded, 4 rows of 100 tokens; packed, one row of 100 + 3 * 10.
+    lengths = Lengths(longest=100, longest_trained=50, rows=[(100, 50), (10, 5), (10, 5), (10, 5), (8, 4)])
+    on = recipe.model_copy(update={"sft": recipe.sft.model_copy(update={"packing": True})})
+    off = recipe.model_copy(update={"sft": recipe.sft.model_copy(update={"packing": False})})
+    packed, padded = estimate(arch, on, "sft", lengths, "cpu"), estimate(arch, off, "sft", lengths, "cpu")
+    assert (packed.rows, packed.seq_len, packed.trained_positions) == (1, 130, 65)
+    assert (padded.rows, padded.seq_len) == (4, 100)
+    assert packed.components["activations"] < padded.components["activations"] * 130 / 400 * 1.1
+
+
+def test_validate_says_what_auto_packing_resolves_to(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path, tiny_model("llama"))
+    result = qalign("validate", str(recipe), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sft.packing: auto -> true" in result.stdout
+    result = qalign(
+        "validate",
+        str(recipe),
+        "--set",
+        "model.attn_implementation=eager",
+        "--set",
+        "sft.packing=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "sft.packing: true, but attention eager" in result.stderr
