@@ -146,7 +146,8 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         "gradient_checkpointing": config.gradient_checkpointing,
         "bf16": config.bf16,
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "padding_free": config.padding_free,
+        # What the trainer runs with: TRL 1.16's DPOTrainer turns the config's padding_free back off.
+        "padding_free": getattr(trainer, "padding_free", config.padding_free),
         "optim": config.optim,
         "lora_dropout": LORA["dropout"],
     }

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_setup import build_model, mixed_length  # noqa: E402
+from bench_setup import build_model, mixed_length
 
-from qalign.chat_template import IGNORE  # noqa: E402
-from qalign.dpo import DpoExample, collate_dpo, collate_dpo_packed, sequence_logprobs  # noqa: E402
-from qalign.logprobs import label_logprobs  # noqa: E402
-from qalign.sft import SftExample, collate_sft, collate_sft_packed, sft_step  # noqa: E402
+from qalign.chat_template import IGNORE
+from qalign.dpo import DpoExample, collate_dpo, collate_dpo_packed, sequence_logprobs
+from qalign.logprobs import label_logprobs
+from qalign.sft import SftExample, collate_sft, collate_sft_packed, sft_step
 
 
 def sft_examples(rng: random.Random, n: int, vocab: int) -> list[SftExample]:
@@ -63,7 +63,9 @@ def dpo_step(model: torch.nn.Module, batch: dict, norm: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="small")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=6, help="micro-batches timed per layout and round")
@@ -103,7 +105,9 @@ def main() -> None:
             "packed": (lambda b: collate_dpo_packed(b, 0), dpo_step),
         }
     padded_tokens = sum(
-        collate_sft(b, 0)["input_ids"].numel() if args.stage == "sft" else collate_dpo(b, 0)["input_ids"].numel()
+        collate_sft(b, 0)["input_ids"].numel()
+        if args.stage == "sft"
+        else collate_dpo(b, 0)["input_ids"].numel()
         for b in batches
     )
     print(
@@ -112,25 +116,42 @@ def main() -> None:
         f"({1 - tokens / padded_tokens:.0%} padding), {torch.get_num_threads()} threads",
         flush=True,
     )
-    speeds: dict[str, list[float]] = {name: [] for name in layouts}
+    # Each micro-batch runs in every layout back to back (the order alternating), so a slowdown from whatever
+    # else the machine runs hits the layouts of one micro-batch alike: the ratios pair them.
+    seconds: dict[str, list[float]] = {name: [] for name in layouts}
+    ratios: dict[str, list[float]] = {name: [] for name in layouts}
     for round_ in range(args.rounds + 1):
-        order = list(layouts) if round_ % 2 == 0 else list(reversed(layouts))
-        for name in order:
-            collate, step = layouts[name]
-            began = time.perf_counter()
-            for batch in batches:
+        for index, batch in enumerate(batches):
+            order = list(layouts) if (round_ + index) % 2 == 0 else list(reversed(layouts))
+            took = {}
+            for name in order:
+                collate, step = layouts[name]
+                began = time.perf_counter()
                 data = collate(batch)
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                     loss = step(model, data, 100)
                 loss.backward()
-            model.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+                took[name] = time.perf_counter() - began
             if round_ > 0:  # round 0 warms up
-                speeds[name].append(tokens / (time.perf_counter() - began))
-                print(f"  round {round_} {name:13} {speeds[name][-1]:8,.0f} tok/s", flush=True)
-    for name, values in speeds.items():
+                for name in layouts:
+                    seconds[name].append(took[name])
+                    ratios[name].append(took["padded"] / took[name])
+        if round_ > 0:
+            line = ", ".join(
+                f"{name} {tokens / sum(seconds[name][-len(batches) :]):,.0f}" for name in layouts
+            )
+            print(f"  round {round_}: tok/s {line}", flush=True)
+    for name in layouts:
+        per_round = [
+            tokens / sum(seconds[name][i : i + len(batches)])
+            for i in range(0, len(seconds[name]), len(batches))
+        ]
+        quartiles = statistics.quantiles(ratios[name], n=4)
         print(
-            f"  {name:13} {statistics.median(values):8,.0f} tok/s (min {min(values):,.0f}, max {max(values):,.0f}; "
-            f"x{statistics.median(values) / statistics.median(speeds['padded']):.2f} padded)"
+            f"  {name:13} median {statistics.median(per_round):6,.0f} tok/s (rounds {min(per_round):,.0f}-"
+            f"{max(per_round):,.0f}); speed vs padded, per micro-batch: median x{statistics.median(ratios[name]):.2f}"
+            f" (quartiles x{quartiles[0]:.2f}-x{quartiles[2]:.2f}, {len(ratios[name])} pairs)"
         )
 
 

@@ -380,8 +380,8 @@ def validate(
         if not present:
             raise UserError(f"{loaded.source}: no {stage or 'sft or dpo'} section to check")
         _quiet_libraries()
-        from qalign.memory import packing_line
         from qalign.model import load_tokenizer
+        from qalign.packing import packing_line
         from qalign.preview import show_example, write_dump
         from qalign.stage_data import load_stage_data
 

@@ -73,7 +73,18 @@ def _hidden_states(
     inputs = {"attention_mask": attention_mask, **(packed or {})}
     if position_ids is not None:
         inputs["position_ids"] = position_ids
+    if packed is not None:
+        from qalign.packing import segmented_calls
+
+        before = segmented_calls()
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False, **inputs)
+    if packed is not None and segmented_calls() == before:
+        from qalign.errors import UserError
+
+        raise UserError(
+            f"packing: {type(base).__name__}'s attention does not run through transformers' attention "
+            "functions, so packed examples would not be kept apart; set packing: false"
+        )
     return hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
 
 

@@ -151,6 +151,8 @@ def estimate(
     components["optimizer_states"] = lora_elems * 8 + len(shapes) * 2 * 4  # + a step counter per tensor
 
     # -- activations ----------------------------------------------------------------------------------
+    from qalign.packing import packs
+
     attn = model.attn_implementation or arch.attention
     packing = packs(arch, recipe, stage, lengths, batch)[0]
     pair_rows = stage == "dpo" and _takes_pair_rows(arch, attn, lengths, max_len)
@@ -330,27 +332,6 @@ def _layer_bytes_per_token(
     return size
 
 
-def packs(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths, batch: int) -> tuple[bool, str]:
-    """(whether the stage's micro-batches are packed, why not when they are not) for `packing: auto`; true
-    and false stand."""
-    from qalign.packing import packing_blocker
-
-    spec: TrainSpec = getattr(recipe, stage)
-    if isinstance(spec.packing, bool):
-        return spec.packing, "" if spec.packing else "packing: false"
-    if batch <= 1:
-        return False, "batch_size 1 has no padding to drop"
-    longest = (
-        (lengths.longest_pair or 2 * spec.max_length)
-        if stage == "dpo"
-        else (lengths.longest or spec.max_length)
-    )
-    blocker = packing_blocker(
-        recipe.model.attn_implementation or arch.attention, arch.sliding_window, None, longest
-    )
-    return not blocker, blocker
-
-
 def _takes_pair_rows(arch: Architecture, attn: str, lengths: Lengths, max_len: int) -> bool:
     from qalign.dpo import attention_takes_pair_rows
 
@@ -470,6 +451,8 @@ def resolve_auto(
                 value *= 2
         resolved["batch_size"] = value
         decided.append(f"{stage}.batch_size auto -> {value}")
+    from qalign.packing import check_packing, packs
+
     batch = resolved.get("batch_size", spec.batch_size)
     if spec.packing is True:
         check_packing(arch, recipe, stage, lengths)
@@ -478,17 +461,6 @@ def resolve_auto(
         resolved["packing"] = on
         decided.append(f"{stage}.packing auto -> {str(on).lower()}" + ("" if on else f" ({why})"))
     return resolved, decided
-
-
-def check_packing(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths) -> None:
-    """`packing: true` on a model whose attention cannot keep packed examples apart is an error."""
-    spec: TrainSpec = getattr(recipe, stage)
-    auto = recipe.model_copy(update={stage: spec.model_copy(update={"packing": "auto"})})
-    on, why = packs(arch, auto, stage, lengths, 2)
-    if not on:
-        raise UserError(
-            f"{recipe.source}: {stage}.packing: true, but {why}; set {stage}.packing to auto or false"
-        )
 
 
 def with_settings(recipe: Recipe, stage: str, settings: dict) -> Recipe:
@@ -605,24 +577,3 @@ def out_of_memory_advice(stage: str, spec: TrainSpec, step: int) -> str:
         f"out of GPU memory at step {step} (peak {peak:.1f} GiB allocated of {total:.1f} GiB); "
         f"the last checkpoint is kept. Try: {'; or '.join(fixes)}"
     )
-
-
-def packing_line(recipe: Recipe, stage: str, examples: list) -> str:
-    """`qalign validate`'s line on the stage's layout: what `packing: auto` resolves to for this model and data
-    (`packing: true` where the attention cannot take it is an error here, as at the start of a run)."""
-    spec: TrainSpec = getattr(recipe, stage)
-    if spec.packing is False:
-        return f"{stage}.packing: false (padded rows)"
-    try:
-        config, source = load_config(recipe.model)
-        arch = describe(config, recipe.model, source)
-    except (UserError, ValueError, ImportError) as exc:
-        return f"{stage}.packing: {spec.packing} (decided when the run starts; the model config: {exc})"
-    lengths = lengths_of(examples, stage)
-    if spec.packing is True:
-        check_packing(arch, recipe, stage, lengths)
-        return f"{stage}.packing: true (one row per micro-batch, no padding)"
-    batch = spec.batch_size if isinstance(spec.batch_size, int) else 2
-    on, why = packs(arch, recipe, stage, lengths, batch)
-    when = " if batch_size auto resolves above 1" if spec.batch_size == "auto" else ""
-    return f"{stage}.packing: auto -> {str(on).lower()}" + (f" ({why})" if why else when)

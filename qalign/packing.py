@@ -13,11 +13,19 @@ which gradient checkpointing keeps for its recomputation, so a recomputed layer 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
+
+from qalign.errors import UserError
+from qalign.recipe import Recipe, TrainSpec
+
+if TYPE_CHECKING:
+    from qalign.memory import Lengths
+    from qalign.model_shapes import Architecture
 
 PACKED = "qalign_packed_segments"
 """Forward keyword: a tuple of (start, end, additive mask [1, 1, n, n] or None for causal) per example."""
@@ -79,6 +87,7 @@ def _segmented_sdpa(
     unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
     if unsupported or query.shape[0] != 1:
         raise RuntimeError(f"packed rows cannot run this attention ({', '.join(unsupported) or 'batch > 1'})")
+    _CALLS[0] += 1
     groups = getattr(module, "num_key_value_groups", 1)
     outputs = []
     for start, end, mask in segments:
@@ -100,12 +109,71 @@ def _segmented_sdpa(
 
 _SDPA = sdpa_attention_forward
 AttentionInterface.register("sdpa", _segmented_sdpa)
+_CALLS = [0]
+
+
+def segmented_calls() -> int:
+    """How many attention calls have run per segment so far: a packed forward that adds none ran an attention
+    of its model's own, which never saw the segments (see logprobs._hidden_states)."""
+    return _CALLS[0]
 
 
 def check_model(config: object, stage: str, packing: bool, length: int) -> None:
     """The loaded model can run the packed rows the plan chose (the plan reads the config without loading)."""
-    from qalign.errors import UserError
-
     blocker = config_blocker(config, length) if packing else ""
     if blocker:
         raise UserError(f"{stage}.packing: the loaded model has {blocker}; set {stage}.packing to false")
+
+
+def packs(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths, batch: int) -> tuple[bool, str]:
+    """(whether the stage's micro-batches are packed, why not when they are not) for `packing: auto`; true
+    and false stand."""
+    spec: TrainSpec = getattr(recipe, stage)
+    if isinstance(spec.packing, bool):
+        return spec.packing, "" if spec.packing else "packing: false"
+    if batch <= 1:
+        return False, "batch_size 1 has no padding to drop"
+    longest = (
+        (lengths.longest_pair or 2 * spec.max_length)
+        if stage == "dpo"
+        else (lengths.longest or spec.max_length)
+    )
+    blocker = packing_blocker(
+        recipe.model.attn_implementation or arch.attention, arch.sliding_window, None, longest
+    )
+    return not blocker, blocker
+
+
+def check_packing(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths) -> None:
+    """`packing: true` on a model whose attention cannot keep packed examples apart is an error."""
+    spec: TrainSpec = getattr(recipe, stage)
+    auto = recipe.model_copy(update={stage: spec.model_copy(update={"packing": "auto"})})
+    on, why = packs(arch, auto, stage, lengths, 2)
+    if not on:
+        raise UserError(
+            f"{recipe.source}: {stage}.packing: true, but {why}; set {stage}.packing to auto or false"
+        )
+
+
+def packing_line(recipe: Recipe, stage: str, examples: list) -> str:
+    """`qalign validate`'s line on the stage's layout: what `packing: auto` resolves to for this model and data
+    (`packing: true` where the attention cannot take it is an error here, as at the start of a run)."""
+    from qalign.memory import lengths_of
+    from qalign.model_shapes import describe, load_config
+
+    spec: TrainSpec = getattr(recipe, stage)
+    if spec.packing is False:
+        return f"{stage}.packing: false (padded rows)"
+    try:
+        config, source = load_config(recipe.model)
+        arch = describe(config, recipe.model, source)
+    except (UserError, ValueError, ImportError) as exc:
+        return f"{stage}.packing: {spec.packing} (decided when the run starts; the model config: {exc})"
+    lengths = lengths_of(examples, stage)
+    if spec.packing is True:
+        check_packing(arch, recipe, stage, lengths)
+        return f"{stage}.packing: true (one row per micro-batch, no padding)"
+    batch = spec.batch_size if isinstance(spec.batch_size, int) else 2
+    on, why = packs(arch, recipe, stage, lengths, batch)
+    when = " if batch_size auto resolves above 1" if spec.batch_size == "auto" else ""
+    return f"{stage}.packing: auto -> {str(on).lower()}" + (f" ({why})" if why else when)

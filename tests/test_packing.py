@@ -204,7 +204,9 @@ def test_gemma2_falls_back_to_padded_rows(tmp_path, tiny_model):
 def test_plan_counts_the_packed_row(tmp_path, tiny_model):
     from qalign.memory import Lengths, estimate
 
-    arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"), gradient_checkpointing=False, max_length=128)
+    arch, recipe = _arch_and_recipe(
+        tmp_path, tiny_model("llama"), gradient_checkpointing=False, max_length=128
+    )
     # One long example and three short ones: padded, 4 rows of 100 tokens; packed, one row of 100 + 3 * 10.
     lengths = Lengths(longest=100, longest_trained=50, rows=[(100, 50), (10, 5), (10, 5), (10, 5), (8, 4)])
     on = recipe.model_copy(update={"sft": recipe.sft.model_copy(update={"packing": True})})
@@ -230,3 +232,25 @@ def test_validate_says_what_auto_packing_resolves_to(tmp_path, tiny_model):
         cwd=tmp_path,
     )
     assert result.returncode == 2 and "sft.packing: true, but attention eager" in result.stderr
+
+
+def test_a_model_whose_attention_never_sees_the_segments_stops(monkeypatch):
+    """An architecture with an attention of its own (not transformers' interface) would silently attend across
+    examples: the forward that ran no segmented attention is an error instead."""
+    import transformers
+    from transformers.modeling_utils import AttentionInterface
+
+    from qalign import packing
+    from qalign.errors import UserError
+    from qalign.logprobs import label_logprobs
+
+    config_class, kwargs = ARCHS["llama"]
+    config = getattr(transformers, config_class)(**kwargs, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    batch = collate_sft_packed([SftExample([5, 6, 7], [5, 6, 7], "a"), SftExample([8, 9], [8, 9], "b")])
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+    label_logprobs(*args, forward_kwargs(batch["ends"].tolist()))  # through the interface: fine
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", packing._SDPA)
+    with pytest.raises(UserError, match="set packing: false"):
+        label_logprobs(*args, forward_kwargs(batch["ends"].tolist()))
