@@ -167,6 +167,7 @@ def estimate(
         trained = min(seq - 1, sum(t for _, t in sizes))
         pair_masks = sum(n * n for n, _ in sizes) * a if stage == "dpo" else 0
         what = f"packed: the {len(sizes)} longest {'pair rows' if stage == 'dpo' else 'examples'} end to end"
+        what += f"; {lengths.note}" if lengths.note else ""
     elif pair_rows:
         # collate_dpo: one row per pair, the shared prompt once, both responses trained.
         rows = batch
