@@ -61,7 +61,11 @@ def parse_args() -> argparse.Namespace:
         help="uniform: every example the same length; mixed: skewed lengths, 8-300 tokens a part",
     )
     parser.add_argument(
-        "--mixed-modes", nargs="+", choices=MODES, default=["defaults", "gc-on"], help="modes on mixed data"
+        "--mixed-modes",
+        nargs="+",
+        choices=MODES,
+        default=["defaults", "gc-on", "padded", "packed"],
+        help="modes on mixed data",
     )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)

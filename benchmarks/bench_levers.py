@@ -21,12 +21,20 @@ LEVERS = {
 
 
 def full_logits_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    packed: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What label_logprobs computes, the plain way: logits at every position, a full log-softmax, then a gather."""
     from qalign.chat_template import IGNORE
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    inputs = {"attention_mask": attention_mask, **(packed or {})}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    logits = model(input_ids=input_ids, use_cache=False, **inputs).logits[:, :-1].float()
     targets = labels[:, 1:]
     keep = targets != IGNORE
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -71,3 +79,5 @@ def apply_levers(off: list[str]) -> None:
 
         dpo.sequence_logprobs = unshared
         reference.sequence_logprobs = unshared
+        # unshared splits padded pair rows: the packed row (which collate_dpo_packed makes) stays padded here.
+        dpo.collate_dpo_packed = dpo.collate_dpo

@@ -104,6 +104,7 @@ def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
     spec = SimpleNamespace(**resolved[args.stage])
     settings = {
         "gradient_checkpointing": spec.gradient_checkpointing,
+        "packing": spec.packing,
         "compute_dtype": f"{recipe.model.compute_dtype} ({str(compute_dtype(recipe.model.compute_dtype, pick_device())).removeprefix('torch.')})",
         "lora_dropout": recipe_dict["lora"]["dropout"]
         if args.stage == "sft"

@@ -99,7 +99,9 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         fp16=False,
         # transformers refuses bf16 without a GPU unless told the CPU is meant.
         use_cpu=not cuda,
-        max_length=args.max_length,
+        # TRL will not combine padding_free with a max_length it cannot enforce without packing; the data is
+        # generated within --max-length, so dropping it truncates nothing.
+        max_length=None if chosen.get("padding_free") and args.stage == "sft" else args.max_length,
         save_strategy="no",
         report_to="none",
         logging_steps=1,
@@ -144,7 +146,8 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         "gradient_checkpointing": config.gradient_checkpointing,
         "bf16": config.bf16,
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "padding_free": config.padding_free,
+        # What the trainer runs with: TRL 1.16's DPOTrainer turns the config's padding_free back off.
+        "padding_free": getattr(trainer, "padding_free", config.padding_free),
         "optim": config.optim,
         "lora_dropout": LORA["dropout"],
     }

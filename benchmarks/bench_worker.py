@@ -31,7 +31,9 @@ import torch
 IMPORTED = time.perf_counter()
 
 # What each mode changes; everything else (the workload) is the same for both tools in every mode.
-MODES = ("defaults", "gc-on", "gc-off")
+# padded / packed: each tool's defaults with its padding-free layout off / on (qalign's `packing`, TRL's
+# `padding_free`); for the mixed workload, where padding is what there is to save.
+MODES = ("defaults", "gc-on", "gc-off", "padded", "packed")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
 
@@ -66,6 +68,8 @@ def qalign_settings(stage: str, mode: str) -> dict:
     """The recipe keys a mode sets for qalign; unset keys keep qalign's defaults."""
     if mode == "defaults":
         return {}
+    if mode in ("padded", "packed"):
+        return {"packing": mode == "packed"}
     return {"gradient_checkpointing": mode == "gc-on"}
 
 
@@ -73,6 +77,9 @@ def trl_settings(stage: str, mode: str) -> dict:
     """The SFTConfig/DPOConfig fields a mode sets for TRL; unset fields keep TRL's defaults."""
     if mode == "defaults":
         return {}
+    if mode in ("padded", "packed"):
+        # TRL 1.16's DPOTrainer turns padding_free back off (with a warning): its DPO rows stay padded.
+        return {"padding_free": mode == "packed"}
     settings: dict = {"gradient_checkpointing": mode == "gc-on"}
     if stage == "dpo":
         # Matched: the reference costs both tools one pass over the data, as it does qalign by default.

@@ -36,6 +36,7 @@ class Case:
     attn: str | None = None
     dtype: str = "auto"  # the recipe's model.compute_dtype
     prompt: int | None = None  # prompt tokens of each row; None: PROMPT_SHARE of it
+    packing: bool = False  # the recipe's packing: the micro-batch in one row (collate_*_packed)
 
 
 def _shape(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> dict:
@@ -70,6 +71,8 @@ BF16 = [
     Case("llama-wide", "LlamaConfig", LLAMA_WIDE, "dpo", 1, 256, True, dtype="bf16"),
 ]
 FP32 = [replace(BF16[i], dtype="fp32") for i in (0, 1, 3, 4, 5, 7, 8, 10)]
+# Packed micro-batches (one row, attention per example): SFT with and without checkpointing, DPO.
+PACKED = [replace(BF16[i], packing=True) for i in (2, 3, 8)]
 # Vocabularies of Llama 3 (128k) and Gemma (256k) on a tiny body, where the loss head is most of the step.
 LLAMA_V131K = dict(_shape(64, 128, 2, 4, 2, 131072), max_position_embeddings=4096)
 LLAMA_V256K = _shape(64, 128, 2, 4, 2, 262144)
@@ -84,7 +87,7 @@ BIG_VOCAB = [
     Case("gemma2-v256k", "Gemma2Config", GEMMA2_V256K, "dpo", 1, 256, False, dtype="bf16"),
 ]
 # bf16 first: what `compute_dtype: auto` gives on CPUs with native bf16.
-CASES = BF16 + FP32 + BIG_VOCAB
+CASES = BF16 + FP32 + PACKED + BIG_VOCAB
 # A few quick cases for the test suite: both dtypes, SFT with and without checkpointing, DPO, and a 128k
 # vocabulary.
 FAST_CASES = [BF16[0], BF16[1], BF16[8], FP32[0], FP32[6], BIG_VOCAB[2]]
@@ -109,7 +112,7 @@ def recipe_for(case: Case, model: Path, out: Path):
 
     section = (
         f"{case.stage}:\n  data: {{train: x.jsonl}}\n  batch_size: {case.batch}\n  max_length: {case.seq}\n"
-        f"  gradient_checkpointing: {str(case.checkpointing).lower()}\n"
+        f"  gradient_checkpointing: {str(case.checkpointing).lower()}\n  packing: {str(case.packing).lower()}\n"
     )
     attn = f"  attn_implementation: {case.attn}\n" if case.attn else ""
     text = (
@@ -163,11 +166,13 @@ def _examples(case: Case, vocab: int) -> list:
 
 def _batch(case: Case, vocab: int) -> dict[str, torch.Tensor]:
     # Each stage's own collate, so the measured layout is the one training uses.
-    from qalign.dpo import collate_dpo
-    from qalign.sft import collate_sft
+    from qalign.dpo import collate_dpo, collate_dpo_packed
+    from qalign.sft import collate_sft, collate_sft_packed
 
-    collate = collate_dpo if case.stage == "dpo" else collate_sft
-    return collate(_examples(case, vocab), 0)
+    examples = _examples(case, vocab)
+    if case.stage == "dpo":
+        return (collate_dpo_packed if case.packing else collate_dpo)(examples, 0)
+    return collate_sft_packed(examples) if case.packing else collate_sft(examples, 0)
 
 
 def _live_bytes(tensors: list[torch.Tensor]) -> int:
@@ -249,14 +254,14 @@ def run(cases: list[Case], root: Path) -> list[tuple[Case, int, int]]:
 
 def table(results: list[tuple[Case, int, int]]) -> str:
     lines = [
-        "| model | stage | dtype | batch | length | checkpointing | predicted MiB | measured MiB | error |",
-        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| model | stage | dtype | batch | length | checkpointing | layout | predicted MiB | measured MiB | error |",
+        "| --- | --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for case, predicted, measured in results:
         error = (predicted - measured) / measured
         lines.append(
             f"| {case.name} | {case.stage} | {case.dtype} | {case.batch} | {case.seq} | {'on' if case.checkpointing else 'off'} "
-            f"| {predicted / 2**20:.2f} | {measured / 2**20:.2f} | {error:+.1%} |"
+            f"| {'packed' if case.packing else 'padded'} | {predicted / 2**20:.2f} | {measured / 2**20:.2f} | {error:+.1%} |"
         )
     return "\n".join(lines)
 

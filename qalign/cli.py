@@ -458,6 +458,7 @@ def validate(
             raise UserError(f"{loaded.source}: no {stage or 'sft or dpo'} section to check")
         _quiet_libraries()
         from qalign.model import load_tokenizer
+        from qalign.packing import packing_line
         from qalign.preview import show_example, write_dump
         from qalign.stage_data import load_stage_data
 
@@ -472,6 +473,7 @@ def validate(
             data = load_stage_data(loaded, name, tokenizer, progress)
             train, evals = data.train, data.eval
             show_example(console, tokenizer, train[0])
+            console.print(packing_line(loaded, name, train))
             if dump is not None and index == 0:
                 write_dump(dump, [*train, *(evals or [])])
                 console.print(f"wrote {len(train) + len(evals or [])} tokenized {name} rows to {dump}")

@@ -16,6 +16,7 @@ from qalign.data import DataReport, Row, check_turns, pad, parse_messages, to_me
 from qalign.errors import UserError
 from qalign.logprobs import base_model, gathered_logprobs, label_logprobs, unwrap
 from qalign.losses import dpo_loss
+from qalign.packing import check_model, forward_kwargs
 from qalign.recipe import DpoSpec
 from qalign.template_text import ignores_tools
 from qalign.train import Stage
@@ -215,6 +216,52 @@ def collate_dpo(examples: list[DpoExample], pad_id: int) -> dict[str, torch.Tens
     return batch
 
 
+def collate_dpo_packed(examples: list[DpoExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """collate_dpo's rows end to end in one row, no padding; `ends` says where each pair's stops. Each pair
+    attends only within itself, through its own pair_attention mask (see packing.py)."""
+    rows = [collate_dpo([e], pad_id) for e in examples]
+    ids = torch.cat([r["input_ids"] for r in rows], dim=1)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.cat([r["labels"] for r in rows], dim=1),
+        "position_ids": torch.cat([r["position_ids"] for r in rows], dim=1),
+        "segments": torch.cat([r["segments"] for r in rows]),
+        "ends": torch.tensor([r["input_ids"].shape[1] for r in rows]).cumsum(0),
+    }
+    if all("reference" in r for r in rows):
+        batch["reference"] = torch.cat([r["reference"] for r in rows])
+    return batch
+
+
+def _packed_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each trained token of collate_dpo_packed's row, its side: pair p's chosen p, rejected P + p)."""
+    segments, ends = batch["segments"], batch["ends"]
+    pairs = segments.shape[0]
+    lengths = segments[:, 1] + segments[:, 2] - segments[:, 0]
+    starts = ends - lengths
+    labels = batch["labels"][0]
+    column = (labels != IGNORE).nonzero().squeeze(1)
+    pair = torch.searchsorted(ends, column, right=True)
+    local, chosen_end = column - starts[pair], segments[pair, 1]
+    # As in sequence_logprobs, within each pair's stretch of the row.
+    source = starts[pair] + torch.where(local == chosen_end, segments[pair, 0], local) - 1
+    dtype = base_model(model).get_input_embeddings().weight.dtype
+    masks = [pair_attention(segments[p : p + 1], int(n), dtype) for p, n in enumerate(lengths.tolist())]
+    logps = gathered_logprobs(
+        model,
+        batch["input_ids"],
+        None,
+        batch["position_ids"],
+        source,
+        labels[column],
+        forward_kwargs(ends.tolist(), masks),
+    )
+    return logps, torch.where(local < chosen_end, pair, pair + pairs)
+
+
 def pair_attention(segments: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, 1, L, L] additive mask for collate_dpo's rows: causal, except that rejected tokens do not see the
     chosen response. Padding is never a key (a padding query sees itself, so no softmax row is empty)."""
@@ -264,9 +311,11 @@ def sequence_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs of each response [2B]: chosen then rejected, response lengths [2B])."""
-    pairs, length = batch["input_ids"].shape
+    pairs, length = batch["segments"].shape[0], batch["input_ids"].shape[1]
     base = base_model(model)
-    if takes_pair_rows(base.config, length):
+    if "ends" in batch:
+        logps, rows = _packed_logprobs(model, batch)
+    elif takes_pair_rows(base.config, length):
         labels, segments = batch["labels"], batch["segments"]
         keep = labels != IGNORE
         row, column = keep.nonzero(as_tuple=True)
@@ -318,7 +367,7 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
     """The stage's step loss: this micro-batch's share of the step's mean loss and metrics."""
 
     def step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) -> tuple[torch.Tensor, dict]:
-        half = batch["input_ids"].shape[0]
+        half = batch["segments"].shape[0]
         if "reference" in batch:
             cached = batch["reference"]
             reference = torch.cat([cached[:, 0], cached[:, 1]]).float()
@@ -393,6 +442,9 @@ def make_stage(context: object) -> Stage:
         reference_adapter = "reference"
     disable_dropout(model)
     pad_id = context.tokenizer.pad_token_id
+    pairs = [*context.data.train, *(context.data.eval or [])]
+    longest = max((len(e.chosen_ids) + len(e.rejected_ids) - shared_prefix(e) for e in pairs), default=0)
+    check_model(model.config, "dpo", spec.packing is True, longest)
     if spec.reference == "precompute" and not spec.reference_free:
         model_spec = context.recipe.model
         starting_point = {
@@ -423,7 +475,9 @@ def make_stage(context: object) -> Stage:
         spec=spec,
         train=context.data.train,
         eval=context.data.eval,
-        collate=lambda examples: collate_dpo(examples, pad_id),
+        collate=lambda examples: (collate_dpo_packed if spec.packing is True else collate_dpo)(
+            examples, pad_id
+        ),
         step_loss=make_reference_free_step(spec)
         if spec.reference_free
         else make_dpo_step(spec, reference_adapter),

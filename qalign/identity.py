@@ -15,7 +15,9 @@ from qalign.adapter import adapter_digest, read_metadata
 from qalign.layout import RunLayout, starting_adapter
 from qalign.recipe import Recipe
 
-BOOKKEEPING = {"save_every", "save_total_limit", "eval_every", "log_every", "nan_policy"}
+# packing changes the layout of a micro-batch, not its examples or its step (to rounding): a run may resume in
+# the other layout, and runs from before the key existed resume as they are.
+BOOKKEEPING = {"save_every", "save_total_limit", "eval_every", "log_every", "nan_policy", "packing"}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 

@@ -59,15 +59,20 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def label_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    packed: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each trained token [N] in fp32, the batch row each belongs to [N]).
 
-    Labels are aligned with input_ids (IGNORE where not trained); position t predicts labels[t + 1].
+    Labels are aligned with input_ids (IGNORE where not trained); position t predicts labels[t + 1]. `packed`
+    (packing.forward_kwargs) runs a packed row: it replaces attention_mask.
     """
     base = base_model(model)
-    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    hidden = _hidden_states(model, base, input_ids, attention_mask, position_ids, packed)
     targets = labels[:, 1:]
     keep = targets != IGNORE
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
@@ -81,15 +86,39 @@ def gathered_logprobs(
     position_ids: torch.Tensor,
     sources: torch.Tensor,
     targets: torch.Tensor,
+    packed: dict | None = None,
 ) -> torch.Tensor:
     """log p(targets[i]) [N] in fp32, each predicted by the hidden state at flat position sources[i] of the
     [batch * length] tokens: for layouts where the predicting token is not simply the previous one."""
     base = base_model(model)
-    hidden = _decoder(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    hidden = _hidden_states(model, base, input_ids, attention_mask, position_ids, packed)
     return selective_logprobs(base, hidden.flatten(0, 1)[sources], targets)
+
+
+def _hidden_states(
+    model: torch.nn.Module,
+    base: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    packed: dict | None,
+) -> torch.Tensor:
+    inputs = {"attention_mask": attention_mask, **(packed or {})}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    if packed is not None:
+        from qalign.packing import segmented_calls
+
+        before = segmented_calls()
+    hidden = _decoder(model)(input_ids=input_ids, use_cache=False, **inputs)
+    if packed is not None and segmented_calls() == before:
+        from qalign.errors import UserError
+
+        raise UserError(
+            f"packing: {type(base).__name__}'s attention does not run through transformers' attention "
+            "functions, so packed examples would not be kept apart; set packing: false"
+        )
+    return hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
 
 
 def selective_logprobs(base: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

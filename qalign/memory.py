@@ -52,6 +52,9 @@ class Lengths:
     """DPO: most trained positions in one such row (both sides)."""
     lengths: list[int] = field(default_factory=list)
     note: str = ""
+    rows: list[tuple[int, int]] = field(default_factory=list)
+    """(tokens, trained positions) of each example's row in the padded layout (DPO: collate_dpo's pair row):
+    what a packed micro-batch lays end to end."""
 
 
 @dataclass
@@ -148,9 +151,24 @@ def estimate(
     components["optimizer_states"] = lora_elems * 8 + len(shapes) * 2 * 4  # + a step counter per tensor
 
     # -- activations ----------------------------------------------------------------------------------
+    from qalign.packing import packs
+
     attn = model.attn_implementation or arch.attention
+    packing = packs(arch, recipe, stage, lengths, batch)[0]
     pair_rows = stage == "dpo" and _takes_pair_rows(arch, attn, lengths, max_len)
-    if pair_rows:
+    pair_masks = 0
+    if packing:
+        # One row: the micro-batch's longest examples end to end; attention per example (packing.py), so no
+        # mask for SFT and for DPO only each pair's own [1, 1, n, n] mask.
+        rows = 1
+        longest = 2 * max_len if stage == "dpo" else max_len
+        sizes = sorted(lengths.rows, reverse=True)[:batch] or [(longest, longest - 1)] * batch
+        seq = sum(n for n, _ in sizes)
+        trained = min(seq - 1, sum(t for _, t in sizes))
+        pair_masks = sum(n * n for n, _ in sizes) * a if stage == "dpo" else 0
+        what = f"packed: the {len(sizes)} longest {'pair rows' if stage == 'dpo' else 'examples'} end to end"
+        what += f"; {lengths.note}" if lengths.note else ""
+    elif pair_rows:
         # collate_dpo: one row per pair, the shared prompt once, both responses trained.
         rows = batch
         seq = min(lengths.longest_pair, 2 * max_len) if lengths.longest_pair else 2 * max_len
@@ -173,6 +191,8 @@ def estimate(
     # Flash-attention unpads instead; eager always repeats them.
     masked = (pair_rows or rows > 1) and attn != "flash_attention_2"
     mask = rows * seq * seq * (a if pair_rows else 1) if masked else 0
+    if packing:
+        masked, mask = stage == "dpo", pair_masks
     # DPO turns dropout off (runner.disable_dropout); a dropout of 0 saves no copies.
     dropout = recipe.lora.dropout > 0 and stage != "dpo"
     # On a CPU each adapter on a 4-bit base runs as one node (qalign/lora.py) that keeps its shared input.
@@ -213,8 +233,11 @@ def estimate(
         sides = "completion and KL-estimate completion" if kto else "chosen and rejected"
         assumptions.append(
             (
-                f"{'KTO' if kto else 'DPO'}: one row per {'example' if kto else 'pair'} (the prompt once, then "
-                f"{sides}, with a [{rows}, 1, {seq}, {seq}] {dtype} attention mask); "
+                f"{'KTO' if kto else 'DPO'}: the {'rows' if kto else 'pairs'} packed in one row, each with its own "
+                "attention mask; "
+                if packing
+                else f"{'KTO' if kto else 'DPO'}: one row per {'example' if kto else 'pair'} (the prompt once, "
+                f"then {sides}, with a [{rows}, 1, {seq}, {seq}] {dtype} attention mask); "
                 if pair_rows
                 else f"DPO: {sides} as 2 rows per pair in one forward (flash-attention or a "
                 "sliding window shorter than the pair cannot take the one-row layout); "
@@ -436,6 +459,15 @@ def resolve_auto(
                 value *= 2
         resolved["batch_size"] = value
         decided.append(f"{stage}.batch_size auto -> {value}")
+    from qalign.packing import check_packing, packs
+
+    batch = resolved.get("batch_size", spec.batch_size)
+    if spec.packing is True:
+        check_packing(arch, recipe, stage, lengths)
+    elif spec.packing == "auto":
+        on, why = packs(arch, recipe, stage, lengths, batch)
+        resolved["packing"] = on
+        decided.append(f"{stage}.packing auto -> {str(on).lower()}" + ("" if on else f" ({why})"))
     return resolved, decided
 
 
@@ -521,6 +553,7 @@ def lengths_of(examples: list, stage: str) -> Lengths:
         sides = [(e.input_ids, e.labels) for e in examples]
         lengths = [len(e.input_ids) for e in examples]
     return Lengths(
+        rows=pairs or [(len(ids), _trained(labels)) for ids, labels in sides],
         longest=max(lengths),
         longest_trained=max(_trained(labels) for _, labels in sides),
         longest_pair=max((row for row, _ in pairs), default=None),

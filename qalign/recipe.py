@@ -209,7 +209,15 @@ class TrainSpec(_Section):
         "else on.",
     )
 
-    @field_validator("batch_size", "gradient_checkpointing", mode="wrap")
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Lay each micro-batch's examples end to end in one row, with no padding and attention kept "
+        "within each example: the same step as padded rows (to rounding), less compute on mixed lengths. auto: "
+        "on with sdpa attention (no sliding window shorter than an example, no soft-capped attention) and "
+        "batch_size above 1, else off; true where the attention cannot take it is an error.",
+    )
+
+    @field_validator("batch_size", "gradient_checkpointing", "packing", mode="wrap")
     @classmethod
     def _auto_or_value(cls, value: Any, handler: Any, info: Any) -> Any:
         # "auto" or the plain type, with the plain type's own error (not a two-branch union error).

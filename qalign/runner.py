@@ -322,6 +322,8 @@ def plan_memory(
             resolved["gradient_checkpointing"] = earlier.get("gradient_checkpointing", True)
         if spec.batch_size == "auto":
             resolved["batch_size"] = earlier.get("batch_size", 4)
+        if spec.packing == "auto":
+            resolved["packing"] = False
         return memory.with_settings(recipe, name, resolved), None
     lengths = memory.lengths_of(data.train, name)
     free = memory.free_memory(device.type)

@@ -13,6 +13,7 @@ from qalign.data import DataReport, Row, detect_format, pad
 from qalign.errors import UserError
 from qalign.logprobs import label_logprobs
 from qalign.losses import sft_loss
+from qalign.packing import check_model, forward_kwargs
 from qalign.template_text import ignores_tools
 from qalign.train import Stage
 
@@ -102,9 +103,36 @@ def collate_sft(examples: list[SftExample], pad_id: int) -> dict[str, torch.Tens
     }
 
 
+def collate_sft_packed(examples: list[SftExample]) -> dict[str, torch.Tensor]:
+    """The examples end to end in one row, no padding: positions restart at each example, `ends` says where
+    each one stops (the attention stays inside it, see packing.py), and each example's first token is never a
+    target (nothing of its own precedes it), as in its own padded row."""
+    ids, labels, positions, ends = [], [], [], []
+    for e in examples:
+        ids += e.input_ids
+        labels += [IGNORE, *e.labels[1:]]
+        positions += range(len(e.input_ids))
+        ends.append(len(ids))
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+        "ends": torch.tensor(ends),
+    }
+
+
 def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) -> tuple[torch.Tensor, dict]:
     """This micro-batch's share of the step loss (already divided by the step's trained-token count)."""
-    logps, _ = label_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    packed = forward_kwargs(batch["ends"].tolist()) if "ends" in batch else None
+    logps, _ = label_logprobs(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        batch.get("position_ids"),
+        packed,
+    )
     loss = sft_loss(logps, norm)
     return loss, {"loss": loss.detach()}
 
@@ -112,12 +140,15 @@ def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], norm: int) 
 def make_stage(context: object) -> Stage:
     """The SFT stage: each example weighs its trained tokens, so a step's loss is the mean over them."""
     pad_id = context.tokenizer.pad_token_id
+    packing = context.spec.packing is True
+    longest = max((len(e.input_ids) for e in [*context.data.train, *(context.data.eval or [])]), default=0)
+    check_model(context.model.config, "sft", packing, longest)
     return Stage(
         name="sft",
         spec=context.spec,
         train=context.data.train,
         eval=context.data.eval,
-        collate=lambda examples: collate_sft(examples, pad_id),
+        collate=lambda examples: collate_sft_packed(examples) if packing else collate_sft(examples, pad_id),
         step_loss=sft_step,
         weight=lambda example: example.weight,
     )

@@ -73,7 +73,8 @@ def test_dpo_plans_one_row_per_pair_unless_the_attention_cannot_take_it(tiny_mod
     assert (lengths.longest, lengths.longest_trained) == (16, 6)
     assert (lengths.longest_pair, lengths.longest_pair_trained) == (20, 10)
 
-    recipe = load_recipe(add_dpo(write_recipe(tmp_path, tiny_model("llama")), batch_size=2))
+    # Padded pair rows (packing lays them end to end instead: tests/test_packing.py).
+    recipe = load_recipe(add_dpo(write_recipe(tmp_path, tiny_model("llama")), batch_size=2, packing=False))
     config, source = model_shapes.load_config(recipe.model)
     arch = model_shapes.describe(config, recipe.model, source)
     plan = memory.estimate(arch, recipe, "dpo", lengths, "cpu")
@@ -132,7 +133,8 @@ def test_plan_json_on_a_tiny_model(tiny_model, tmp_path):
         result["components"]
     )
     assert result["suggestions"] == []
-    assert 0 < result["sequence_length"] <= 64  # the longest example, not max_length
+    # Packed (auto, on here): the 4 longest examples end to end, not 4 x max_length (64).
+    assert 0 < result["sequence_length"] < 4 * 64 and "packed" in " ".join(result["assumptions"])
 
     needed = result["total_bytes"]
     tight = qalign("plan", str(recipe), "--json", "--gpu-memory", str(needed - 1), cwd=tmp_path)
@@ -224,7 +226,8 @@ def test_offline_plan_of_a_table_id_never_asks_the_network(tmp_path):
     assumptions = " ".join(result["assumptions"])
     assert "built-in table entry for Qwen/Qwen2.5-0.5B-Instruct" in assumptions
     assert "tokenizer of Qwen/Qwen2.5-0.5B-Instruct is not on disk" in assumptions
-    assert result["sequence_length"] == 2048  # the recipe's max_length, as the note says
+    # The recipe's max_length, as the note says: 2 pairs (batch_size 2, packed by auto) of 2 x 1024 tokens.
+    assert result["sequence_length"] == 2 * 2048 and "packed" in assumptions
 
 
 def test_the_loss_head_is_one_chunk_of_logits_whatever_the_vocabulary():

@@ -1,0 +1,182 @@
+"""Padding-free micro-batches: a micro-batch's examples laid end to end in one row.
+
+Positions restart at each example and attention never crosses one: transformers' `sdpa` attention is wrapped
+so that a forward given `PACKED` segments runs SDPA once per segment (causal, or the segment's own additive
+mask for a DPO pair). Nothing is computed for padding, and no [tokens x tokens] mask is built for the row: the
+attention costs sum(L_i^2), as in padded rows, not (sum L_i)^2. Any other forward goes to transformers' own
+function untouched.
+
+The segments travel in the forward's keyword arguments, which transformers hands to every attention call and
+which gradient checkpointing keeps for its recomputation, so a recomputed layer sees the same segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+from qalign.errors import UserError
+from qalign.recipe import Recipe, TrainSpec
+
+if TYPE_CHECKING:
+    from qalign.memory import Lengths
+    from qalign.model_shapes import Architecture
+
+PACKED = "qalign_packed_segments"
+"""Forward keyword: a tuple of (start, end, additive mask [1, 1, n, n] or None for causal) per example."""
+
+# A 4D attention_mask is taken as already prepared: transformers then builds no mask of its own for the row
+# (it would otherwise detect the restarting positions and build a [T x T] block-diagonal one).
+_PREPARED = torch.zeros(1, 1, 1, 1, dtype=torch.bool)
+
+
+def packing_blocker(
+    attention: str | None, sliding_window: int | None, softcap: float | None, length: int
+) -> str:
+    """Why a model cannot run packed rows whose examples have up to `length` tokens ('' when it can). The
+    segmented attention replaces sdpa only; a sliding window shorter than an example or a soft-capped
+    attention (Gemma 2) would not be applied."""
+    if attention != "sdpa":
+        return f"attention {attention}, not sdpa"
+    if sliding_window is not None and sliding_window < length:
+        return f"a sliding window of {sliding_window} tokens"
+    if softcap:
+        return "soft-capped attention"
+    return ""
+
+
+def config_blocker(config: object, length: int) -> str:
+    """packing_blocker for a loaded model's config."""
+    text = getattr(config, "text_config", None) or config
+    return packing_blocker(
+        getattr(config, "_attn_implementation", None),
+        getattr(text, "sliding_window", None),
+        getattr(text, "attn_logit_softcapping", None),
+        length,
+    )
+
+
+def forward_kwargs(
+    ends: Sequence[int], masks: Sequence[torch.Tensor | None] | None = None
+) -> dict[str, object]:
+    """The decoder's extra arguments for a packed row whose examples end at `ends` (exclusive, ascending)."""
+    starts = [0, *ends[:-1]]
+    masks = masks if masks is not None else [None] * len(ends)
+    return {"attention_mask": _PREPARED, PACKED: tuple(zip(starts, ends, masks, strict=True))}
+
+
+def _segmented_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    segments = kwargs.pop(PACKED, None)
+    if segments is None:
+        return _SDPA(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    if unsupported or query.shape[0] != 1:
+        raise RuntimeError(f"packed rows cannot run this attention ({', '.join(unsupported) or 'batch > 1'})")
+    _CALLS[0] += 1
+    groups = getattr(module, "num_key_value_groups", 1)
+    outputs = []
+    for start, end, mask in segments:
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=mask is None and end - start > 1,
+                enable_gqa=groups > 1,
+            )
+        )
+    # [1, heads, T, dim] -> [1, T, heads, dim], the layout transformers' attention functions return.
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+_SDPA = sdpa_attention_forward
+AttentionInterface.register("sdpa", _segmented_sdpa)
+_CALLS = [0]
+
+
+def segmented_calls() -> int:
+    """How many attention calls have run per segment so far: a packed forward that adds none ran an attention
+    of its model's own, which never saw the segments (see logprobs._hidden_states)."""
+    return _CALLS[0]
+
+
+def check_model(config: object, stage: str, packing: bool, length: int) -> None:
+    """The loaded model can run the packed rows the plan chose (the plan reads the config without loading)."""
+    blocker = config_blocker(config, length) if packing else ""
+    if blocker:
+        raise UserError(f"{stage}.packing: the loaded model has {blocker}; set {stage}.packing to false")
+
+
+def packs(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths, batch: int) -> tuple[bool, str]:
+    """(whether the stage's micro-batches are packed, why not when they are not) for `packing: auto`; true
+    and false stand."""
+    spec: TrainSpec = getattr(recipe, stage)
+    if stage == "dpo" and recipe.dpo is not None and recipe.dpo.loss == "kto":
+        # KTO's rows have their own collate (a row and its mismatched completion); it has no packed layout.
+        return False, "KTO's rows are not packed"
+    if isinstance(spec.packing, bool):
+        return spec.packing, "" if spec.packing else "packing: false"
+    if batch <= 1:
+        return False, "batch_size 1 has no padding to drop"
+    longest = (
+        (lengths.longest_pair or 2 * spec.max_length)
+        if stage == "dpo"
+        else (lengths.longest or spec.max_length)
+    )
+    blocker = packing_blocker(
+        recipe.model.attn_implementation or arch.attention, arch.sliding_window, None, longest
+    )
+    return not blocker, blocker
+
+
+def check_packing(arch: Architecture, recipe: Recipe, stage: str, lengths: Lengths) -> None:
+    """`packing: true` on a model whose attention cannot keep packed examples apart is an error."""
+    spec: TrainSpec = getattr(recipe, stage)
+    auto = recipe.model_copy(update={stage: spec.model_copy(update={"packing": "auto"})})
+    on, why = packs(arch, auto, stage, lengths, 2)
+    if not on:
+        raise UserError(
+            f"{recipe.source}: {stage}.packing: true, but {why}; set {stage}.packing to auto or false"
+        )
+
+
+def packing_line(recipe: Recipe, stage: str, examples: list) -> str:
+    """`qalign validate`'s line on the stage's layout: what `packing: auto` resolves to for this model and data
+    (`packing: true` where the attention cannot take it is an error here, as at the start of a run)."""
+    from qalign.memory import lengths_of
+    from qalign.model_shapes import describe, load_config
+
+    spec: TrainSpec = getattr(recipe, stage)
+    if spec.packing is False:
+        return f"{stage}.packing: false (padded rows)"
+    try:
+        config, source = load_config(recipe.model)
+        arch = describe(config, recipe.model, source)
+    except (UserError, ValueError, ImportError) as exc:
+        return f"{stage}.packing: {spec.packing} (decided when the run starts; the model config: {exc})"
+    lengths = lengths_of(examples, stage)
+    if spec.packing is True:
+        check_packing(arch, recipe, stage, lengths)
+        return f"{stage}.packing: true (one row per micro-batch, no padding)"
+    batch = spec.batch_size if isinstance(spec.batch_size, int) else 2
+    on, why = packs(arch, recipe, stage, lengths, batch)
+    when = " if batch_size auto resolves above 1" if spec.batch_size == "auto" else ""
+    return f"{stage}.packing: auto -> {str(on).lower()}" + (f" ({why})" if why else when)
