@@ -304,9 +304,10 @@ def render_results(
         "during the optimizer steps above the memory in use when the first one began (model loaded, reference "
         "pass done; on a CPU the resident set's high-water mark, reset through /proc/self/clear_refs). Ratios "
         "are qalign / TRL: speed above 1 and memory below 1 favour qalign. Matched-settings modes come first. "
-        "Modes **padded** and **packed** are each tool's defaults with its padding-free layout off and on (qalign's "
-        "`packing`, whose `auto` default packs here; TRL's `padding_free`, which TRL 1.16 switches back off for "
-        "DPO, so its DPO rows stay padded in both).",
+        "Modes **padded** and **packed** are matched settings (gradient checkpointing on in both tools, TRL's DPO "
+        "reference precomputed) with the padding-free layout off and on (qalign's `packing`, whose `auto` default "
+        "packs here; TRL's `padding_free`, which TRL 1.16 switches back off for DPO, so its DPO rows stay padded "
+        "in both).",
         "",
         "| workload | stage | mode | qalign tok/s | TRL tok/s | speed ratio | qalign train-only | TRL train-only "
         "| qalign peak MiB | TRL peak MiB | memory ratio | qalign train MiB | TRL train MiB | train memory ratio |"

@@ -69,7 +69,8 @@ def qalign_settings(stage: str, mode: str) -> dict:
     if mode == "defaults":
         return {}
     if mode in ("padded", "packed"):
-        return {"packing": mode == "packed"}
+        # Matched with TRL's: checkpointing on, the layout the only difference between the two modes.
+        return {"packing": mode == "packed", "gradient_checkpointing": True}
     return {"gradient_checkpointing": mode == "gc-on"}
 
 
@@ -77,10 +78,10 @@ def trl_settings(stage: str, mode: str) -> dict:
     """The SFTConfig/DPOConfig fields a mode sets for TRL; unset fields keep TRL's defaults."""
     if mode == "defaults":
         return {}
+    settings: dict = {"gradient_checkpointing": mode != "gc-off"}
     if mode in ("padded", "packed"):
         # TRL 1.16's DPOTrainer turns padding_free back off (with a warning): its DPO rows stay padded.
-        return {"padding_free": mode == "packed"}
-    settings: dict = {"gradient_checkpointing": mode == "gc-on"}
+        settings["padding_free"] = mode == "packed"
     if stage == "dpo":
         # Matched: the reference costs both tools one pass over the data, as it does qalign by default.
         settings["precompute_ref_log_probs"] = True
