@@ -254,3 +254,23 @@ def test_a_model_whose_attention_never_sees_the_segments_stops(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", packing._SDPA)
     with pytest.raises(UserError, match="set packing: false"):
         label_logprobs(*args, forward_kwargs(batch["ends"].tolist()))
+
+
+def test_auto_leaves_dpo_pairs_padded_and_true_packs_them(tmp_path, tiny_model):
+    """DPO's pair rows share their prompt and keep little padding: `make bench` measured packed pairs within the
+    noise of padded ones for more memory, so `auto` keeps them padded; `dpo.packing: true` packs them, and
+    KTO's rows (their own collate) are never packed."""
+    from qalign.errors import UserError
+    from qalign.memory import Lengths, resolve_auto
+    from qalign.recipe import load_recipe
+
+    arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"))
+    recipe = load_recipe(add_dpo(recipe.source))
+    lengths = Lengths(longest=60, longest_pair=80, rows=[(60, 30), (20, 10)])
+    resolved, decided = resolve_auto(arch, recipe, "dpo", lengths, "cpu", None)
+    assert resolved["packing"] is False and "little padding" in decided[-1]
+    packed = recipe.model_copy(update={"dpo": recipe.dpo.model_copy(update={"packing": True})})
+    assert resolve_auto(arch, packed, "dpo", lengths, "cpu", None)[0].get("packing", True) is True
+    kto = packed.model_copy(update={"dpo": packed.dpo.model_copy(update={"loss": "kto"})})
+    with pytest.raises(UserError, match=r"dpo\.packing: true, but KTO's rows are not packed"):
+        resolve_auto(arch, kto, "dpo", lengths, "cpu", None)
