@@ -54,7 +54,7 @@ def run_qalign(args: argparse.Namespace, clock: StepClock) -> dict:
         from qalign import reference, runner
         from qalign.model import compute_dtype, pick_device
         from qalign.progress import Progress
-        from qalign.recipe import load_recipe
+        from qalign.recipe_load import load_recipe
         from qalign.train import Trainer
 
     with clock.phase("recipe"):

@@ -108,7 +108,7 @@ def build_model(case: Case, folder: Path) -> Path:
 
 
 def recipe_for(case: Case, model: Path, out: Path):
-    from qalign.recipe import parse_recipe
+    from qalign.recipe_load import parse_recipe
 
     section = (
         f"{case.stage}:\n  data: {{train: x.jsonl}}\n  batch_size: {case.batch}\n  max_length: {case.seq}\n"

@@ -22,7 +22,8 @@ def load_target(target: Path, stage: str | None, overrides: list[str] | None, wa
 
     from qalign.layout import find_adapter
     from qalign.model import compute_dtype, load_base, load_tokenizer, pick_device
-    from qalign.recipe import ModelSpec, load_recipe
+    from qalign.recipe import ModelSpec
+    from qalign.recipe_load import load_recipe
 
     device = pick_device()
     if not target.exists():

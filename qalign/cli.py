@@ -190,7 +190,7 @@ def _train(
 ) -> None:
     from qalign.distributed import SINGLE, world_from_env
     from qalign.progress import Progress
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     world = world_from_env()
     with _user_errors():
@@ -345,7 +345,7 @@ def merge(
 ) -> None:
     """Fold the adapter into 16-bit weights: a standalone model that plain transformers loads."""
     from qalign.progress import Progress
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     with _user_errors("nothing was exported; an earlier export is untouched"):
         if dtype not in (None, "bf16", "fp16", "fp32"):
@@ -420,7 +420,7 @@ def _export_source(source: Path, overrides: list[str] | None) -> Path:
     if not source.is_file():
         raise UserError(f"{source}: no such recipe or model folder")
     from qalign.gguf_export import merged_model
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     return merged_model(load_recipe(source, overrides))
 
@@ -446,7 +446,7 @@ def validate(
 ) -> None:
     """Check the recipe and every data row without training; print dataset statistics."""
     from qalign.progress import Progress
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     with _user_errors("nothing was changed"):
         loaded = load_recipe(recipe, set_)
@@ -512,7 +512,7 @@ def plan(
 
     from qalign.memory import parse_size, plan_recipe
     from qalign.progress import Progress
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     with _user_errors("nothing was changed"):
         limit = parse_size(gpu_memory) if gpu_memory is not None else None

@@ -48,7 +48,7 @@ def run_folder(target: Path, overrides: list[str] | None = None) -> Path:
     if target.is_dir():
         return target
     if target.is_file():
-        from qalign.recipe import load_recipe
+        from qalign.recipe_load import load_recipe
 
         return load_recipe(target, overrides).out
     raise UserError(f"{target}: no such recipe or run folder")

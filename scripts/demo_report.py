@@ -53,7 +53,7 @@ def main(recipe_path: str, overrides: list[str] | None = None) -> dict[str, dict
 
     from qalign.chat_template import end_of_turn_id
     from qalign.model import load_base, pick_device
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     console = Console()
     recipe = load_recipe(recipe_path, overrides)

@@ -15,8 +15,8 @@ from qalign.columns import map_columns
 from qalign.data import Row, detect_format, read_rows, to_messages
 from qalign.dpo import split_preference
 from qalign.errors import UserError
-from qalign.recipe import parse_recipe
 from qalign.recipe_docs import render_reference
+from qalign.recipe_load import parse_recipe
 from qalign.stage_data import shape_rows
 
 

@@ -308,7 +308,7 @@ def test_run_does_sft_then_dpo_from_the_sft_adapter(tmp_path, tiny_model):
         load_base(ModelSpec(base=str(tiny_model("llama")), compute_dtype="fp32"), torch.device("cpu")),
         out / "sft" / "adapter",
     )
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     loaded = load_recipe(recipe)
     train = load_stage_data(

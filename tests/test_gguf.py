@@ -295,7 +295,7 @@ def test_recipe_export_section(tiny_model, tmp_path):
     from conftest import write_recipe
 
     from qalign.gguf_export import export_recipe
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     path = write_recipe(tmp_path, tiny_model("llama"))
     raw = yaml.safe_load(path.read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qalign.memory import CUDA_CONTEXT
-from qalign.recipe import parse_recipe
+from qalign.recipe_load import parse_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_check

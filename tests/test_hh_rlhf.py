@@ -17,7 +17,7 @@ from qalign.data import DataReport, Row
 from qalign.dpo import prepare_dpo, split_preference
 from qalign.errors import UserError
 from qalign.hh_rlhf import split_turns
-from qalign.recipe import parse_recipe
+from qalign.recipe_load import parse_recipe
 from qalign.sft import prepare_sft
 from qalign.stage_data import shape_rows
 

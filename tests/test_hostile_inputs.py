@@ -232,7 +232,7 @@ def test_pickle_weights_load_when_the_recipe_opts_in(setup):
     import torch
 
     from qalign.model import load_base
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     spec = load_recipe(recipe, ["model.allow_pickle=true"]).model
     assert load_base(spec, torch.device("cpu")) is not None

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from qalign import starter
 from qalign.cli import app
 from qalign.errors import UserError
-from qalign.recipe import Recipe, load_recipe
+from qalign.recipe import Recipe
 from qalign.recipe_docs import key_paths
+from qalign.recipe_load import load_recipe
 
 runner = CliRunner()
 

@@ -160,7 +160,7 @@ def test_packed_run_equals_padded_run(tmp_path, tiny_model, stage):
 
 def _arch_and_recipe(tmp_path, model, **sft):
     from qalign.model_shapes import describe, load_config
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, model, **sft))
     config, source = load_config(recipe.model)

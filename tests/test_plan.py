@@ -15,7 +15,8 @@ from test_cli_sft import metrics, qalign
 from qalign import memory, model_shapes
 from qalign.errors import UserError
 from qalign.model import attach_lora, cpu_has_native_bf16, footprint_bytes, load_base
-from qalign.recipe import LoraSpec, ModelSpec, load_recipe
+from qalign.recipe import LoraSpec, ModelSpec
+from qalign.recipe_load import load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import plan_accuracy

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from qalign.errors import UserError
-from qalign.recipe import Recipe, load_recipe, parse_recipe
+from qalign.recipe import Recipe
+from qalign.recipe_load import load_recipe, parse_recipe
 
 # The documented contract, verbatim (flow mappings for model and lora).
 CONTRACT = """\

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from qalign import recipe_docs
-from qalign.recipe import Recipe, _schema_paths
+from qalign.recipe import Recipe
+from qalign.recipe_load import _schema_paths
 
 README = Path(__file__).parent.parent / "README.md"
 

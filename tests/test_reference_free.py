@@ -19,7 +19,8 @@ from qalign.dpo import collate_dpo, disable_dropout, prepare_dpo, sequence_logpr
 from qalign.errors import UserError
 from qalign.losses import orpo_loss, simpo_loss
 from qalign.model import attach_lora, load_base
-from qalign.recipe import DpoSpec, LoraSpec, ModelSpec, load_recipe
+from qalign.recipe import DpoSpec, LoraSpec, ModelSpec
+from qalign.recipe_load import load_recipe
 from qalign.reference_free import make_reference_free_step
 
 # -- the recipe ------------------------------------------------------------------------------------------------

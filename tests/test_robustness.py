@@ -18,7 +18,7 @@ from test_cli_sft import ENV, QALIGN, metrics, qalign
 from qalign.data import Row, detect_format, to_messages
 from qalign.dpo import split_preference
 from qalign.errors import UserError
-from qalign.recipe import parse_recipe
+from qalign.recipe_load import parse_recipe
 
 
 def adapter_bytes(folder: Path) -> bytes:

@@ -9,7 +9,7 @@ import pytest
 
 from qalign.data import detect_format, read_rows, to_messages
 from qalign.dpo import split_preference
-from qalign.recipe import load_recipe
+from qalign.recipe_load import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
