@@ -262,7 +262,7 @@ def test_auto_leaves_dpo_pairs_padded_and_true_packs_them(tmp_path, tiny_model):
     KTO's rows (their own collate) are never packed."""
     from qalign.errors import UserError
     from qalign.memory import Lengths, resolve_auto
-    from qalign.recipe import load_recipe
+    from qalign.recipe_load import load_recipe
 
     arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"))
     recipe = load_recipe(add_dpo(recipe.source))
