@@ -227,8 +227,8 @@ def test_offline_plan_of_a_table_id_never_asks_the_network(tmp_path):
     assumptions = " ".join(result["assumptions"])
     assert "built-in table entry for Qwen/Qwen2.5-0.5B-Instruct" in assumptions
     assert "tokenizer of Qwen/Qwen2.5-0.5B-Instruct is not on disk" in assumptions
-    # The recipe's max_length, as the note says: 2 pairs (batch_size 2, packed by auto) of 2 x 1024 tokens.
-    assert result["sequence_length"] == 2 * 2048 and "packed" in assumptions
+    # The recipe's max_length, as the note says: one row per pair (auto keeps DPO's pairs padded) of 2 x 1024.
+    assert result["sequence_length"] == 2048 and "one row per pair" in assumptions
 
 
 def test_the_loss_head_is_one_chunk_of_logits_whatever_the_vocabulary():
