@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from qalign import __version__
 from qalign.cli_help import PlainGroup, PlainTyper
+from qalign.cli_options import ForceResume, NoResume, Nproc, Overwrite, RecipeArg, SetOpt, process_count
 from qalign.errors import UserError
 
 app = PlainTyper(
@@ -35,19 +36,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Deprecation notices inside transformers/peft are for their maintainers, not for someone training a model.
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-RecipeArg = Annotated[
-    Path, typer.Argument(metavar="RECIPE", help="The recipe YAML file.", show_default=False)
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        metavar="KEY=VALUE",
-        help="Override a recipe key, e.g. --set sft.lr=1e-4 (repeatable).",
-        show_default=False,
-    ),
-]
 
 
 def _quiet_libraries() -> None:
@@ -147,36 +135,7 @@ def init(
         )
 
 
-NoResume = Annotated[
-    bool, typer.Option("--no-resume", help="Start over instead of resuming from the last checkpoint.")
-]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Allow replacing a finished adapter.")]
-ForceResume = Annotated[
-    bool,
-    typer.Option(
-        "--force-resume", help="Resume even though the recipe or data changed since the checkpoint."
-    ),
-]
-Nproc = Annotated[
-    str,
-    typer.Option(
-        "--nproc",
-        metavar="N|auto",
-        help="Worker processes, started through torch.distributed.run (NCCL on GPUs, gloo on a CPU); auto: one "
-        "per visible CUDA device, 1 without CUDA.",
-    ),
-]
 STAGES = ("sft", "dpo")
-
-
-def _processes(value: str) -> int:
-    if value == "auto":
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"--nproc: expected a number of processes (1 or more) or 'auto', got '{value}'")
-    return int(value)
 
 
 def _train(
@@ -200,7 +159,7 @@ def _train(
             raise UserError(
                 f"{loaded.source}: the recipe has no {' or '.join(repr(s) for s in stages)} section"
             )
-        count = 1 if world.many else _processes(nproc)
+        count = 1 if world.many else process_count(nproc)
         if count > 1:
             from qalign.distributed import launch
 
@@ -527,16 +486,13 @@ def plan(
         progress = Progress(err_console if as_json else console, err_console)
         from qalign.stage_data import planned_lengths
 
-        processes = _processes(nproc)
+        processes = process_count(nproc)
         lengths = planned_lengths(loaded, present[0], progress)
         result, decided = plan_recipe(loaded, present[0], limit, lengths)
         if processes > 1:
-            from qalign.memory import per_process
-            from qalign.model_shapes import describe, load_config
+            from qalign.memory import per_process_plans
 
-            config, source = load_config(loaded.model)
-            layers = describe(config, loaded.model, source).layers
-            plans = {s: per_process(result, layers, processes, s) for s in ("ddp", "fsdp")}
+            plans = per_process_plans(loaded, result, processes)
             result = plans[loaded.distributed.strategy]
         if as_json:
             payload = result.to_json()

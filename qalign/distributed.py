@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,8 +64,23 @@ def join(world: World) -> torch.device:
     else:
         device = torch.device("cpu")
     if world.many and not dist.is_initialized():
+        _exit_with_launcher()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def _exit_with_launcher() -> None:
+    """A worker whose launcher is gone (killed with SIGKILL, say) would wait in its next collective forever,
+    holding its GPU: it leaves instead. Its run folder keeps the last complete checkpoint."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != launcher:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="qalign-launcher-watch", daemon=True).start()
 
 
 def leave(world: World) -> None:

@@ -614,3 +614,10 @@ def per_process(plan: Plan, layers: int, processes: int, strategy: str) -> Plan:
     return replace(
         plan, components={k: int(v) for k, v in components.items()}, assumptions=[*plan.assumptions, note]
     )
+
+
+def per_process_plans(recipe: Recipe, plan: Plan, processes: int) -> dict[str, Plan]:
+    """`qalign plan --nproc N`: each process's plan under each strategy."""
+    config, source = load_config(recipe.model)
+    layers = describe(config, recipe.model, source).layers
+    return {strategy: per_process(plan, layers, processes, strategy) for strategy in ("ddp", "fsdp")}

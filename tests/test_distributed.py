@@ -142,3 +142,45 @@ def test_a_workers_error_is_one_line_and_exit_2(recipe):
     # A bad recipe is refused before any worker starts.
     done = qalign("sft", str(recipe), "--nproc", "2", "--set", "sft.lrr=1", cwd=folder)
     assert done.returncode == 2 and "did you mean 'sft.lr'" in done.stderr
+
+
+def test_workers_leave_when_their_launcher_is_killed(recipe):
+    """SIGKILL on `--nproc`'s launcher: its workers (in sessions of their own) would wait in their next
+    collective forever, holding the run's lock; they leave instead, and the same command then resumes."""
+    import os
+    import time
+
+    run = ["sft", str(recipe), "--set", "output_dir=runs/orphans", "--set", "sft.max_steps=400"]
+    proc = subprocess.Popen(
+        [*QALIGN, *run, "--nproc", "2"],
+        cwd=recipe.parent,
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = recipe.parent / "runs" / "orphans" / "sft" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc)
+
+    def workers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError):
+                continue
+            if entry.name.isdigit() and "runs/orphans" in command and int(entry.name) != proc.pid:
+                found.append(int(entry.name))
+        return found
+
+    assert len(workers()) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = workers()
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, "workers outlived their launcher"
+    done = process(*run, "--nproc", "2", "--set", "sft.max_steps=4", "--force-resume", cwd=recipe.parent)
+    assert done.returncode == 0, done.stderr
