@@ -147,7 +147,7 @@ def _train(
     force_resume: bool,
     nproc: str = "auto",
 ) -> None:
-    from qalign.distributed import SINGLE, world_from_env
+    from qalign.distributed import world_from_env
     from qalign.progress import Progress
     from qalign.recipe_load import load_recipe
 
@@ -181,7 +181,7 @@ def _train(
                 err_console.print(f"[bold red]{kind}:[/bold red] {escape(message)}", soft_wrap=True)
             raise typer.Exit(code)
         _quiet_libraries()
-        from qalign.runner import RunOptions, run_stage
+        from qalign.runner import RunOptions, run_stages
 
         if "export" in present:
             from qalign.gguf_export import check_exportable
@@ -190,37 +190,8 @@ def _train(
 
         # `qalign run` owns every stage: a DPO stage trained from an older SFT adapter is trained again.
         options = RunOptions(resume, overwrite, force_resume, redo_on_new_start=len(stages) > 1)
-        progress = Progress(console, err_console) if world.main else Progress(*_silent())
-        for name in present:
-            if len(present) > 1:
-                progress.console.rule(f"[bold]{name}")
-            if name in ("merge", "export") and world.many:
-                from qalign.distributed import leave
-
-                # Merging and exporting are one process's work: rank 0 does them once training is done.
-                leave(world)
-                if not world.main:
-                    return
-                world = SINGLE  # one process from here
-            if name == "merge":
-                from qalign.merge import run_merge
-
-                run_merge(loaded, progress, overwrite=overwrite, replace_own=True)
-            elif name == "export":
-                from qalign.gguf_export import export_recipe
-
-                export_recipe(loaded, progress)
-            else:
-                run_stage(loaded, name, progress, options, world)
-        if world.many:
-            from qalign.distributed import leave
-
-            leave(world)
-
-
-def _silent() -> tuple[Console, Console]:
-    """Consoles that print nothing: a worker other than rank 0 shows nothing but its errors."""
-    return Console(quiet=True), Console(stderr=True, quiet=True)
+        progress = Progress(console, err_console) if world.main else Progress.silent()
+        run_stages(loaded, present, progress, options, world)
 
 
 @app.command()

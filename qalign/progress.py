@@ -48,6 +48,11 @@ class Progress:
         self.err = err_console or Console(stderr=True)
         self.warnings: list[str] = []
 
+    @classmethod
+    def silent(cls) -> Progress:
+        """Shows nothing: a worker other than rank 0 leaves the output to rank 0 (its errors still count)."""
+        return cls(Console(quiet=True), Console(stderr=True, quiet=True))
+
     def info(self, message: str) -> None:
         self.console.print(escape(message))
 

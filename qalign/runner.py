@@ -25,6 +25,7 @@ from qalign.distributed import (
     from_main,
     full_weights,
     join,
+    leave,
     main_decides,
     replicate,
     shard,
@@ -73,6 +74,32 @@ class StageContext:
     start: Path | None
     progress: Progress
     world: World = SINGLE
+
+
+def run_stages(
+    recipe: Recipe, names: list[str], progress: Progress, options: RunOptions, world: World = SINGLE
+) -> None:
+    """`qalign run` (and `sft`/`dpo`): the recipe's stages among `names`, in order. Training stages run on every
+    rank; merging and exporting are one process's work, rank 0's once training is done."""
+    for name in names:
+        if len(names) > 1:
+            progress.console.rule(f"[bold]{name}")
+        if name in ("merge", "export") and world.many:
+            leave(world)
+            if not world.main:
+                return
+            world = SINGLE
+        if name == "merge":
+            from qalign.merge import run_merge
+
+            run_merge(recipe, progress, overwrite=options.overwrite, replace_own=True)
+        elif name == "export":
+            from qalign.gguf_export import export_recipe
+
+            export_recipe(recipe, progress)
+        else:
+            run_stage(recipe, name, progress, options, world)
+    leave(world)
 
 
 def run_stage(
