@@ -461,7 +461,7 @@ def plan(
         lengths = planned_lengths(loaded, present[0], progress)
         result, decided = plan_recipe(loaded, present[0], limit, lengths)
         if processes > 1:
-            from qalign.memory import per_process_plans
+            from qalign.memory_parallel import per_process_plans
 
             plans = per_process_plans(loaded, result, processes)
             result = plans[loaded.distributed.strategy]
