@@ -93,13 +93,9 @@ def sum_values(values: dict[str, float], world: World) -> dict[str, float]:
     if not world.many or not values:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(_on_backend(tensor))
-    return (
-        dict(zip(keys, tensor.tolist(), strict=True))
-        if tensor.device.type == "cpu"
-        else dict(zip(keys, _on_backend(tensor).cpu().tolist(), strict=True))
-    )
+    tensor = _on_backend(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    dist.all_reduce(tensor)
+    return dict(zip(keys, tensor.cpu().tolist(), strict=True))
 
 
 def any_rank(flag: bool, world: World) -> bool:
