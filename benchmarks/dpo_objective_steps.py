@@ -1,4 +1,4 @@
-"""Step time of the DPO stage's objectives on a small 4-bit llama on CPU: sigmoid with a live reference (an extra
+"""Step time of the DPO stage's objectives on the benchmark's small 4-bit llama (bench_setup.py) on CPU: sigmoid with a live reference (an extra
 no-grad forward every step), sigmoid with the cached reference, and the reference-free simpo and orpo (no
 reference at all: no precompute pass either, whose time is printed too). The variants run round-robin over the
 same batches, so load from other processes falls on each alike; medians after one warm-up batch.
@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import TOKENIZER, preference_rows
+from bench_setup import build_model
+from conftest import preference_rows
 
 from qalign.data import Row
 from qalign.dpo import collate_dpo, disable_dropout, make_dpo_step, prepare_dpo
@@ -33,28 +34,10 @@ from qalign.reference_free import make_reference_free_step
 PAIRS, BATCH = 56, 8
 
 
-def small_llama(folder: Path, tokenizer: AutoTokenizer) -> Path:
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def main(folder: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    spec = ModelSpec(base=str(small_llama(folder, tokenizer)), compute_dtype="fp32")
+    build_model("small", folder)  # the benchmark's ~27M llama (bench_setup.py)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    spec = ModelSpec(base=str(folder), compute_dtype="fp32")
     model = attach_lora(
         load_base(spec, torch.device("cpu")), LoraSpec(r=8, alpha=16), gradient_checkpointing=False
     )
