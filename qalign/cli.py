@@ -440,7 +440,7 @@ def plan(
     """Predict the peak memory of a training stage from the model's config and the data's lengths."""
     import json
 
-    from qalign.memory import parse_size, plan_recipe
+    from qalign.memory_auto import parse_size, plan_recipe
     from qalign.progress import Progress
     from qalign.recipe_load import load_recipe
 

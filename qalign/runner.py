@@ -335,7 +335,7 @@ def plan_memory(
 ) -> tuple[Recipe, int | None]:
     """The recipe with the stage's `auto` memory settings resolved against the free memory, and the plan's
     total. On resume an `auto` takes the value the run was trained with, so it continues exactly as it started."""
-    from qalign import memory, model_shapes
+    from qalign import memory, memory_auto, model_shapes
 
     spec: TrainSpec = getattr(recipe, name)
     try:
@@ -351,14 +351,14 @@ def plan_memory(
             resolved["batch_size"] = earlier.get("batch_size", 4)
         if spec.packing == "auto":
             resolved["packing"] = False
-        return memory.with_settings(recipe, name, resolved), None
+        return memory_auto.with_settings(recipe, name, resolved), None
     lengths = memory.lengths_of(data.train, name)
-    free = memory.free_memory(device.type)
+    free = memory_auto.free_memory(device.type)
     if device.type == "cpu":
         # Processes on one machine share its RAM (each GPU process has a GPU of its own).
         free //= processes
-    resolved, decided = memory.resolve_auto(arch, recipe, name, lengths, device.type, free, earlier)
-    recipe = memory.with_settings(recipe, name, resolved)
+    resolved, decided = memory_auto.resolve_auto(arch, recipe, name, lengths, device.type, free, earlier)
+    recipe = memory_auto.with_settings(recipe, name, resolved)
     plan = memory.estimate(arch, recipe, name, lengths, device.type, free)
     where = "free GPU memory" if device.type == "cuda" else "available RAM"
     if decided:

@@ -173,7 +173,7 @@ class Trainer:
                     try:
                         record = self._train_step()
                     except torch.OutOfMemoryError:
-                        from qalign.memory import out_of_memory_advice
+                        from qalign.memory_auto import out_of_memory_advice
 
                         raise TrainingStopped(
                             out_of_memory_advice(self.stage.name, self.spec, self.step + 1), 1

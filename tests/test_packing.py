@@ -171,7 +171,8 @@ def test_auto_packs_with_sdpa_and_a_batch_and_true_that_cannot_is_an_error(tmp_p
     from dataclasses import replace
 
     from qalign.errors import UserError
-    from qalign.memory import Lengths, resolve_auto
+    from qalign.memory import Lengths
+    from qalign.memory_auto import resolve_auto
 
     lengths = Lengths(longest=60, rows=[(60, 30), (20, 10)])
     arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"))
@@ -194,7 +195,8 @@ def test_auto_packs_with_sdpa_and_a_batch_and_true_that_cannot_is_an_error(tmp_p
 
 
 def test_gemma2_falls_back_to_padded_rows(tmp_path, tiny_model):
-    from qalign.memory import Lengths, resolve_auto
+    from qalign.memory import Lengths
+    from qalign.memory_auto import resolve_auto
 
     arch, recipe = _arch_and_recipe(tmp_path, tiny_model("gemma2"))
     resolved, decided = resolve_auto(arch, recipe, "sft", Lengths(longest=60), "cpu", None)
@@ -261,7 +263,8 @@ def test_auto_leaves_dpo_pairs_padded_and_true_packs_them(tmp_path, tiny_model):
     noise of padded ones for more memory, so `auto` keeps them padded; `dpo.packing: true` packs them, and
     KTO's rows (their own collate) are never packed."""
     from qalign.errors import UserError
-    from qalign.memory import Lengths, resolve_auto
+    from qalign.memory import Lengths
+    from qalign.memory_auto import resolve_auto
     from qalign.recipe_load import load_recipe
 
     arch, recipe = _arch_and_recipe(tmp_path, tiny_model("llama"))

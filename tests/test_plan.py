@@ -12,7 +12,7 @@ import yaml
 from conftest import add_dpo, write_recipe
 from test_cli_sft import metrics, qalign
 
-from qalign import memory, model_shapes
+from qalign import memory, memory_auto, model_shapes
 from qalign.errors import UserError
 from qalign.model import attach_lora, cpu_has_native_bf16, footprint_bytes, load_base
 from qalign.recipe import LoraSpec, ModelSpec
@@ -105,13 +105,13 @@ def test_checkpointing_and_dpo_change_the_plan_as_they_should(tiny_model, tmp_pa
     ],
 )
 def test_memory_sizes(text, expected):
-    assert memory.parse_size(text) == expected
+    assert memory_auto.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["lots", "8 GiBs", "-1GB", "0"])
 def test_bad_memory_sizes_are_user_errors(text):
     with pytest.raises(UserError, match="--gpu-memory"):
-        memory.parse_size(text)
+        memory_auto.parse_size(text)
 
 
 def test_builtin_table_covers_the_shipped_recipes():
@@ -191,7 +191,7 @@ def test_auto_takes_the_checkpointed_values_over_a_fresh_decision(tiny_model, tm
     def resolved(limit: int, earlier: dict | None = None) -> tuple:
         recipe = load_recipe(path)
         arch = model_shapes.describe(config, recipe.model, source)
-        settings, _ = memory.resolve_auto(arch, recipe, "sft", lengths, "cpu", limit, earlier)
+        settings, _ = memory_auto.resolve_auto(arch, recipe, "sft", lengths, "cpu", limit, earlier)
         assert recipe.sft.batch_size == "auto"  # the validated recipe is never edited
         return settings["gradient_checkpointing"], settings["batch_size"]
 
