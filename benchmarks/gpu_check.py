@@ -50,6 +50,11 @@ class Run:
     model: str  # a key of the built-in table, or "tiny"
     stage: str  # sft | dpo
     dtype: str  # the recipe's compute_dtype
+    offload: bool = False  # activation_offloading
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage} + offloading" if self.offload else self.stage
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,19 @@ SMOKE = Sizes(steps=2, warmup=1, sft_length=96, dpo_length=64, prompt_words=8)
 
 
 def runs_for(tiny: bool, skip_8b: bool) -> list[Run]:
-    """1B first (the quick answers), then fp16, then the 8B model (its loads take the longest)."""
+    """1B first (the quick answers), then fp16, then the 8B model (its loads take the longest); DPO on the 8B
+    model with activation offloading too, against the same run without it."""
     if tiny:
-        return [Run("tiny", "sft", "fp32"), Run("tiny", "dpo", "fp32")]
+        return [
+            Run("tiny", "sft", "fp32"),
+            Run("tiny", "dpo", "fp32"),
+            Run("tiny", "dpo", "fp32", offload=True),
+        ]
     small, big = "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B"
     runs = [Run(small, "sft", "bf16"), Run(small, "dpo", "bf16"), Run(small, "sft", "fp16")]
-    return runs if skip_8b else [*runs, Run(big, "sft", "bf16"), Run(big, "dpo", "bf16")]
+    if skip_8b:
+        return runs
+    return [*runs, Run(big, "sft", "bf16"), Run(big, "dpo", "bf16"), Run(big, "dpo", "bf16", offload=True)]
 
 
 def check_imports(cpu: bool) -> str | None:
@@ -176,6 +188,7 @@ def recipe_text(run: Run, model: Path, data: Path, out: Path, sizes: Sizes) -> s
             "  grad_accum: 1",
             f"  max_steps: {sizes.steps}",
             "  gradient_checkpointing: true",
+            f"  activation_offloading: {str(run.offload).lower()}",
             "  log_every: 1",
             "  save_every: 100000",
             "  warmup_ratio: 0.0",
@@ -229,7 +242,7 @@ def summarize(records: list[dict], warmup: int) -> dict:
 def execute(run: Run, work: Path, sizes: Sizes, cpu: bool) -> tuple[dict, float, str]:
     """Train `run` through the CLI; (summary, wall seconds, the CLI's last output lines)."""
     model = build_model(run.model, work / "models" / run.model.replace("/", "--"), cpu)
-    tag = f"{run.model.replace('/', '--')}-{run.stage}-{run.dtype}"
+    tag = f"{run.model.replace('/', '--')}-{run.stage}-{run.dtype}" + ("-offload" if run.offload else "")
     out, recipe = work / "runs" / tag, work / "recipes" / f"{tag}.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(recipe_text(run, model, work / "data", out, sizes), encoding="utf-8")
@@ -264,7 +277,7 @@ def render(rows: list[tuple[Run, dict, float]], header: dict, sizes: Sizes, peak
     for run, result, wall in rows:
         if "error" in result:
             lines.append(
-                f"| {run.model} | {run.stage} | {run.dtype} | failed: {result['error']} |||||||| {wall:.0f} |"
+                f"| {run.model} | {run.label} | {run.dtype} | failed: {result['error']} |||||||| {wall:.0f} |"
             )
             continue
         seq = sizes.sft_length if run.stage == "sft" else 2 * sizes.dpo_length
@@ -283,7 +296,7 @@ def render(rows: list[tuple[Run, dict, float]], header: dict, sizes: Sizes, peak
         ratio = f"{peak / net:.2f}" if peak and net and result["peak_kind"] == "cuda_max_allocated" else "-"
         loss = f"{result['last_loss']:.3f}" if result["last_loss"] is not None else "-"
         lines.append(
-            f"| {run.model} | {run.stage} | {run.dtype} | {speed:.0f} | {mfu} | {gib(peak)} | {gib(plan)} "
+            f"| {run.model} | {run.label} | {run.dtype} | {speed:.0f} | {mfu} | {gib(peak)} | {gib(plan)} "
             f"| {gib(net)} | {ratio} | {loss} | {wall:.0f} |"
         )
     facts = "\n".join(f"- {key}: {value}" for key, value in header.items())
@@ -314,7 +327,7 @@ def device_header(cpu: bool, sizes: Sizes, command: str) -> dict:
         f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}",
         "command": f"`{command}`",
         "workload": f"random weights in each model's shape, NF4 + double quant, LoRA r=16 on all linear layers, "
-        f"batch 1, gradient checkpointing on, {sizes.steps} steps; SFT rows of about {sizes.sft_length} tokens, "
+        f"batch 1, gradient checkpointing on, activation offloading off unless the stage says so, {sizes.steps} steps; SFT rows of about {sizes.sft_length} tokens, "
         f"DPO sides of about {sizes.dpo_length} (one pair row of about {2 * sizes.dpo_length}), cached reference",
     }
 
@@ -350,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         write_data(work / "data", sizes, examples=sizes.steps + 2)
         rows: list[tuple[Run, dict, float]] = []
         for run in runs:
-            print(f"gpu_check: {run.model} {run.stage} {run.dtype} ...", flush=True)
+            print(f"gpu_check: {run.model} {run.label} {run.dtype} ...", flush=True)
             result, wall, tail = execute(run, work, sizes, args.cpu)
             if "error" in result:
-                print(f"gpu_check: {run.model} {run.stage} {run.dtype} failed:\n{tail}", file=sys.stderr)
+                print(f"gpu_check: {run.model} {run.label} {run.dtype} failed:\n{tail}", file=sys.stderr)
             rows.append((run, result, wall))
             args.out.write_text(render(rows, header, sizes, peak_tflops), encoding="utf-8")
     print(args.out.read_text(encoding="utf-8"))

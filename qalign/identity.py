@@ -16,8 +16,17 @@ from qalign.layout import RunLayout, starting_adapter
 from qalign.recipe import Recipe
 
 # packing changes the layout of a micro-batch, not its examples or its step (to rounding): a run may resume in
-# the other layout, and runs from before the key existed resume as they are.
-BOOKKEEPING = {"save_every", "save_total_limit", "eval_every", "log_every", "nan_policy", "packing"}
+# the other layout, and runs from before the key existed resume as they are. activation_offloading changes
+# where saved tensors wait, not their bits: a run that ran out of memory may resume with it on.
+BOOKKEEPING = {
+    "save_every",
+    "save_total_limit",
+    "eval_every",
+    "log_every",
+    "nan_policy",
+    "packing",
+    "activation_offloading",
+}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 

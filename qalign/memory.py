@@ -66,6 +66,9 @@ class Plan:
     gradient_checkpointing: bool
     activations_by_checkpointing: dict[str, int]
     assumptions: list[str]
+    activation_offloading: bool = False
+    host_offload_bytes: int = 0
+    """What activation offloading keeps in pinned host memory at its most (beside the GPU's total)."""
     limit: int | None = None
     suggestions: list[str] = field(default_factory=list)
     suggestion_note: str = ""
@@ -92,6 +95,8 @@ class Plan:
             "sequence_length": self.seq_len,
             "trained_positions_per_micro_batch": self.trained_positions,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "activation_offloading": self.activation_offloading,
+            "host_offload_bytes": self.host_offload_bytes,
             "suggestions": self.suggestions,
             "suggestion_note": self.suggestion_note,
             "assumptions": self.assumptions,
@@ -110,6 +115,7 @@ def estimate(
     gradient_checkpointing: bool | None = None,
     max_length: int | None = None,
     rank: int | None = None,
+    activation_offloading: bool | None = None,
 ) -> Plan:
     """Peak memory of one training step of `stage`; the keyword arguments stand in for recipe values."""
     spec: TrainSpec = getattr(recipe, stage)
@@ -125,6 +131,10 @@ def estimate(
         if gradient_checkpointing is not None
         else (spec.gradient_checkpointing if isinstance(spec.gradient_checkpointing, bool) else True)
     )
+    offload = (
+        activation_offloading if activation_offloading is not None else spec.activation_offloading is True
+    )
+    offload = offload and target == "cuda"  # on a CPU, activations already are in host memory
     max_len = max_length or spec.max_length
     r = rank or recipe.lora.r
 
@@ -209,6 +219,20 @@ def estimate(
     # With checkpointing the layer is first recomputed, so its saved tensors are alive only then.
     layer_backward = (arch.intermediate + arch.hidden) * a * tokens
     layer_peak = per_layer * tokens + attention + layer_backward
+    host = 0
+    if offload:
+        # qalign/offload.py: saved tensors wait in host memory, so the GPU holds one layer's at a time (the
+        # layer being computed, or recomputed and differentiated). With checkpointing the mask is a keyword
+        # argument, never saved; without, every layer's attention saves the same mask, copied once.
+        # What the head saves is offloaded too; counting it on the GPU keeps the plan on the safe side.
+        host = (arch.layers - 1) * (
+            arch.hidden * a * tokens if checkpointing else per_layer * tokens + attention
+        )
+        inputs_only = arch.hidden * a * tokens + mask
+        saved_layers = per_layer * tokens + attention + mask
+        assumptions.append(
+            f"activation offloading: {host / GiB:.2f} GiB of saved activations wait in pinned host memory"
+        )
     with_ckpt = max(inputs_only + head, inputs_only + ids + layer_peak)
     without = max(saved_layers + head, saved_layers + ids + layer_backward)
     by_ckpt = {"on": with_ckpt, "off": without}
@@ -262,6 +286,8 @@ def estimate(
         seq_len=seq,
         trained_positions=positions,
         gradient_checkpointing=checkpointing,
+        activation_offloading=offload,
+        host_offload_bytes=int(host),
         activations_by_checkpointing={k: int(v) for k, v in by_ckpt.items()},
         assumptions=assumptions,
         limit=limit,

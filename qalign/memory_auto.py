@@ -25,8 +25,14 @@ def suggest(
         return [], ""
     spec: TrainSpec = getattr(recipe, stage)
 
+    offload = plan.activation_offloading
+
     def fits(**kwargs: object) -> Plan | None:
-        options = {"batch_size": plan.batch_size, "gradient_checkpointing": plan.gradient_checkpointing}
+        options = {
+            "batch_size": plan.batch_size,
+            "gradient_checkpointing": plan.gradient_checkpointing,
+            "activation_offloading": offload,
+        }
         options.update(kwargs)
         candidate = estimate(arch, recipe, stage, lengths, plan.target, plan.limit, **options)
         return candidate if candidate.fits else None
@@ -35,6 +41,13 @@ def suggest(
     if not plan.gradient_checkpointing and fits(gradient_checkpointing=True):
         return [f"{stage}.gradient_checkpointing=true"], "same results, about a third slower"
     ckpt = [f"{stage}.gradient_checkpointing=true"] if not plan.gradient_checkpointing else []
+    # 1b. activation offloading (a GPU only): same results, a copy of each layer's input to host and back;
+    # kept in whatever else must change, as it costs less than any of it.
+    if plan.target == "cuda" and not offload:
+        offload = True
+        if fits(gradient_checkpointing=True):
+            return [*ckpt, f"{stage}.activation_offloading=true"], "same results, a little slower"
+        ckpt = [*ckpt, f"{stage}.activation_offloading=true"]
     # 2. a smaller micro-batch, with accumulation keeping the effective batch.
     accum = spec.grad_accum
     effective = plan.batch_size * accum
@@ -79,11 +92,13 @@ def resolve_auto(
     limit: int | None,
     earlier: dict | None = None,
 ) -> tuple[dict, list[str]]:
-    """Values for the stage's `auto` gradient_checkpointing and batch_size, and a line on each decision.
+    """Values for the stage's `auto` gradient_checkpointing, batch_size, activation_offloading and packing, and a
+    line on each decision.
 
     gradient_checkpointing: off when the plan fits 85% of `limit` without it (at the recipe's batch size, or 1 when
     that is auto too), else on. batch_size: the largest power of two, up to 64 on a GPU and 8 on a CPU (where
     bigger batches barely speed anything up), whose plan fits 85% of it. Without a limit: checkpointing on, batch 4.
+    activation_offloading: on a GPU, on when the plan at those values does not fit 85% of `limit` without it.
     Values in `earlier` (what a checkpoint was trained with) win, so a resumed run stays exact."""
     spec: TrainSpec = getattr(recipe, stage)
     earlier = earlier or {}
@@ -120,6 +135,16 @@ def resolve_auto(
     from qalign.packing import check_packing, packs
 
     batch = resolved.get("batch_size", spec.batch_size)
+    if spec.activation_offloading == "auto":
+        # Only where it is needed to fit: it costs a copy each way per layer, and on a CPU it does nothing.
+        offload = (
+            target == "cuda"
+            and limit is not None
+            and not fits(batch_size=batch, gradient_checkpointing=checkpointing, activation_offloading=False)
+        )
+        resolved["activation_offloading"] = offload
+        if target == "cuda":
+            decided.append(f"{stage}.activation_offloading auto -> {str(offload).lower()}")
     if spec.packing is True:
         check_packing(arch, recipe, stage, lengths)
     elif spec.packing == "auto":
@@ -195,6 +220,8 @@ def out_of_memory_advice(stage: str, spec: TrainSpec, step: int) -> str:
     fixes = []
     if not spec.gradient_checkpointing:
         fixes.append(f"--set {stage}.gradient_checkpointing=true")
+    if spec.activation_offloading is not True:
+        fixes.append(f"--set {stage}.activation_offloading=true (same results)")
     if spec.batch_size > 1:
         fixes.append(
             f"--set {stage}.batch_size={spec.batch_size // 2} --set {stage}.grad_accum={spec.grad_accum * 2} "

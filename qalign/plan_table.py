@@ -27,6 +27,11 @@ def show_plan(console: Console, result: object, decided: list[str]) -> None:
     console.print(
         f"activations + logits: {size(ckpt['on'])} with gradient checkpointing, {size(ckpt['off'])} without "
         f"({'on' if result.gradient_checkpointing else 'off'} in this plan)"
+        + (
+            f"; activation offloading on: {size(result.host_offload_bytes)} in host memory"
+            if result.activation_offloading
+            else ""
+        )
     )
     for line in [*decided, *result.assumptions]:
         console.print(f"[dim]{escape(line)}[/dim]")

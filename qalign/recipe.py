@@ -202,6 +202,14 @@ class TrainSpec(_Section):
         "compute; auto: off when the memory planner fits the run without it in the free memory at start, "
         "else on.",
     )
+    activation_offloading: bool | Literal["auto"] = Field(
+        "auto",
+        description="On a GPU, keep what the forward saves for the backward (with gradient checkpointing: each "
+        "decoder layer's input) in pinned host memory until the backward needs it: the same results, the GPU "
+        "holding one layer's input instead of all, for a copy each way. auto: on when the memory planner finds "
+        "that the run does not fit the free GPU memory without it, else off. "
+        "No effect on a CPU.",
+    )
 
     packing: bool | Literal["auto"] = Field(
         "auto",
@@ -211,7 +219,7 @@ class TrainSpec(_Section):
         "batch_size above 1, else off; true where the attention cannot take it is an error.",
     )
 
-    @field_validator("batch_size", "gradient_checkpointing", "packing", mode="wrap")
+    @field_validator("batch_size", "gradient_checkpointing", "activation_offloading", "packing", mode="wrap")
     @classmethod
     def _auto_or_value(cls, value: Any, handler: Any, info: Any) -> Any:
         # "auto" or the plain type, with the plain type's own error (not a two-branch union error).

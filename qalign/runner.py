@@ -351,7 +351,13 @@ def plan_memory(
             resolved["batch_size"] = earlier.get("batch_size", 4)
         if spec.packing == "auto":
             resolved["packing"] = False
+        if spec.activation_offloading == "auto":
+            resolved["activation_offloading"] = False
         return memory_auto.with_settings(recipe, name, resolved), None
+    if spec.activation_offloading is True and device.type != "cuda":
+        progress.info(
+            f"{name}.activation_offloading: no effect on a CPU, where activations already are in RAM"
+        )
     lengths = memory.lengths_of(data.train, name)
     free = memory_auto.free_memory(device.type)
     if device.type == "cpu":
@@ -367,6 +373,17 @@ def plan_memory(
         f"plan: {plan.total_bytes / 2**30:.2f} GiB predicted for {device.type} "
         f"({where}: {free / 2**30:.1f} GiB; qalign plan shows the breakdown)"
     )
+    ram = memory_auto.available_ram() // processes
+    if plan.host_offload_bytes > ram:
+        progress.warn(
+            f"activation offloading will keep {plan.host_offload_bytes / 2**30:.1f} GiB in host memory, more "
+            f"than the {ram / 2**30:.1f} GiB of RAM available{' to each process' if processes > 1 else ''}; "
+            + (
+                f"turn {name}.activation_offloading off"
+                if plan.gradient_checkpointing
+                else f"turn {name}.gradient_checkpointing on (it offloads only each layer's input)"
+            )
+        )
     if plan.fits is False:
         progress.warn(
             f"the plan ({plan.total_bytes / 2**30:.2f} GiB) exceeds the {where} ({free / 2**30:.1f} GiB); "

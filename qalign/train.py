@@ -30,6 +30,7 @@ from qalign.errors import TrainingStopped
 from qalign.layout import StagePaths
 from qalign.logprobs import unwrap
 from qalign.metrics import MetricsLog, mean_record
+from qalign.offload import ActivationOffload
 from qalign.progress import Progress
 from qalign.recipe import TrainSpec
 from qalign.trackers import Trackers
@@ -227,7 +228,7 @@ class Trainer:
         share = self.share(micro)
         for index, (examples, counts) in enumerate(share):
             batch = {k: v.to(self.device) for k, v in self.stage.collate(examples).items()}
-            with self.autocast(), self._sync(index == len(share) - 1):
+            with self.autocast(), self._sync(index == len(share) - 1), self._offload():
                 loss, shares = self.stage.step_loss(self.runs, batch, norm)
                 # DistributedDataParallel averages the ranks' gradients; the shares are to be summed.
                 loss = loss * (self.world.size if counts else 0.0)
@@ -269,6 +270,12 @@ class Trainer:
         if self.skipped:
             record["skipped_steps"] = self.skipped
         return record
+
+    def _offload(self) -> contextlib.AbstractContextManager:
+        """What the forward saves for the backward waits in host memory (activation_offloading, on a GPU)."""
+        if self.spec.activation_offloading is True and self.device.type == "cuda":
+            return ActivationOffload(self.device.type)
+        return contextlib.nullcontext()
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are averaged over the ranks once per step, in the backward of its last micro-batch."""

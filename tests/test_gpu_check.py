@@ -16,12 +16,13 @@ import gpu_check
 
 def test_runs_put_the_quick_answers_first():
     runs = gpu_check.runs_for(tiny=False, skip_8b=False)
-    assert [(r.model.split("/")[-1], r.stage, r.dtype) for r in runs] == [
+    assert [(r.model.split("/")[-1], r.label, r.dtype) for r in runs] == [
         ("Llama-3.2-1B", "sft", "bf16"),
         ("Llama-3.2-1B", "dpo", "bf16"),
         ("Llama-3.2-1B", "sft", "fp16"),
         ("Llama-3.1-8B", "sft", "bf16"),
         ("Llama-3.1-8B", "dpo", "bf16"),
+        ("Llama-3.1-8B", "dpo + offloading", "bf16"),
     ]
     assert len(gpu_check.runs_for(tiny=False, skip_8b=True)) == 3
 
@@ -36,6 +37,15 @@ def test_generated_recipes_are_valid_and_say_what_the_results_claim(tmp_path, st
     recipe = parse_recipe(text, tmp_path / "recipe.yaml", [])
     spec = getattr(recipe, stage)
     assert (spec.batch_size, spec.gradient_checkpointing, spec.max_steps) == (1, True, gpu_check.FULL.steps)
+    assert spec.activation_offloading is False  # never left to auto, which would decide by the GPU's size
+    offloaded = gpu_check.recipe_text(
+        gpu_check.Run(run.model, stage, "bf16", offload=True),
+        tmp_path / "model",
+        tmp_path / "data",
+        tmp_path,
+        gpu_check.FULL,
+    )
+    assert getattr(parse_recipe(offloaded, tmp_path / "recipe.yaml", []), stage).activation_offloading is True
     assert spec.max_length == (2048 if stage == "sft" else 1024)
     assert (recipe.model.compute_dtype, recipe.lora.r, recipe.lora.target_modules) == (
         "fp16",
@@ -90,5 +100,9 @@ def test_tiny_cpu_smoke_run_writes_the_results(tmp_path):
     out = tmp_path / "GPU_RESULTS.md"
     assert gpu_check.main(["--tiny", "--cpu", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny |")]
-    assert [row.split(" | ")[1:3] for row in rows] == [["sft", "fp32"], ["dpo", "fp32"]]
+    assert [row.split(" | ")[1:3] for row in rows] == [
+        ["sft", "fp32"],
+        ["dpo", "fp32"],
+        ["dpo + offloading", "fp32"],
+    ]
     assert all("failed" not in row for row in rows)

@@ -138,7 +138,22 @@ def test_plan_json_on_a_tiny_model(tiny_model, tmp_path):
     assert 0 < result["sequence_length"] < 4 * 64 and "packed" in " ".join(result["assumptions"])
 
     needed = result["total_bytes"]
+    assert result["activation_offloading"] is False and result["host_offload_bytes"] == 0
     tight = qalign("plan", str(recipe), "--json", "--gpu-memory", str(needed - 1), cwd=tmp_path)
+    result = json.loads(tight.stdout)
+    # activation_offloading: auto turns on where the plan would not fit without it.
+    assert result["activation_offloading"] is True and result["fits"] is True
+    assert 0 < result["host_offload_bytes"] and result["total_bytes"] < needed
+    tight = qalign(
+        "plan",
+        str(recipe),
+        "--json",
+        "--gpu-memory",
+        str(needed - 1),
+        "--set",
+        "sft.activation_offloading=false",
+        cwd=tmp_path,
+    )
     result = json.loads(tight.stdout)
     assert result["fits"] is False
     assert result["suggestions"] and all("=" in s and not s.startswith("--") for s in result["suggestions"])
