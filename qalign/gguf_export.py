@@ -126,17 +126,23 @@ def _language_model_name(hf_name: str) -> str | None:
     return None
 
 
-def _gemma3_query_fold(config: dict[str, Any]) -> float:
-    """What the query norm's weight is multiplied by so that llama.cpp's query scale becomes the config's.
+# The layer count at which llama.cpp takes a Gemma for its 27B and scales queries by 1/sqrt(hidden/heads).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
-    llama.cpp scales Gemma 3's queries by 1/sqrt(hidden/heads) when the model has 62 layers (the 27B) and by
-    1/sqrt(head_dim) otherwise, whatever query_pre_attn_scalar says. The queries pass through an RMSNorm
-    with a weight just before RoPE and that scale, and RoPE is linear, so scaling the norm's weight by
-    sqrt(llama.cpp's scalar / query_pre_attn_scalar) gives exactly 1/sqrt(query_pre_attn_scalar). For every
-    released Gemma 3 the two agree and this is 1."""
+
+def _query_fold(config: dict[str, Any], arch: str) -> float:
+    """What Gemma's queries are multiplied by so that llama.cpp's query scale becomes the config's.
+
+    llama.cpp scales Gemma 2's and 3's queries by 1/sqrt(hidden/heads) for the 27B models (told apart by their
+    layer count) and by 1/sqrt(head_dim) otherwise, whatever query_pre_attn_scalar says. Scaling the queries
+    by sqrt(llama.cpp's scalar / query_pre_attn_scalar) before that gives exactly 1/sqrt(query_pre_attn_scalar);
+    RoPE is linear, so the factor goes into what makes the queries: Gemma 3's query-norm weight, Gemma 2's
+    query projection. For every released Gemma 2 and 3 the two scalars agree and this is 1."""
+    if arch not in _GEMMA_27B_LAYERS:
+        return 1.0
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
-    llama_cpp = hidden // heads if config["num_hidden_layers"] == 62 else head_dim
+    llama_cpp = hidden // heads if config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch] else head_dim
     return math.sqrt(llama_cpp / config.get("query_pre_attn_scalar", head_dim))
 
 
@@ -207,7 +213,9 @@ def _tensors(model_dir: Path, config: dict[str, Any], arch: _Arch) -> list[tuple
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
 
     tied = config.get("tie_word_embeddings", False)
-    query_fold = _gemma3_query_fold(config) if arch.gguf_name == "gemma3" else 1.0
+    query_fold = _query_fold(config, arch.gguf_name)
+    # Where the fold goes: Gemma 3 normalizes its queries (a weight to scale), Gemma 2 does not.
+    folded = ("attn_q_norm.weight",) if arch.gguf_name == "gemma3" else ("attn_q.weight", "attn_q.bias")
     out: list[tuple[str, tuple[int, ...], Any]] = []
     theta, rope = _rope_scaling(config)
     if rope["rope_type"] == "llama3":
@@ -232,7 +240,7 @@ def _tensors(model_dir: Path, config: dict[str, Any], arch: _Arch) -> list[tuple
         )
 
         offset = arch.norm_offset if gguf_name.endswith("norm.weight") else 0.0
-        scale = query_fold if gguf_name.endswith("attn_q_norm.weight") else 1.0
+        scale = query_fold if gguf_name.endswith(folded) else 1.0
 
         def load(
             p: Path = path,
@@ -296,15 +304,6 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], _Arch]:
     if arch.gguf_name == "gemma3":
         config = _gemma3_config(model_dir)
         _check_gemma3(model_dir, config)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B), whatever the
-    # config says.
-    if arch.gguf_name == "gemma2" and config.get("query_pre_attn_scalar", head_dim) != head_dim:
-        raise UserError(
-            f"{model_dir}: query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from head_dim "
-            f"{head_dim}; llama.cpp's gemma2 graph scales queries by 1/sqrt(head_dim), so the GGUF file would "
-            "compute something else"
-        )
     kind = _rope_scaling(config)[1]["rope_type"]
     if kind not in ("default", "linear", "yarn", "llama3"):
         raise UserError(

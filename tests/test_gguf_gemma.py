@@ -102,12 +102,66 @@ def test_gemma2_norms_and_softcaps(gemma2_model, tmp_path):
         np.testing.assert_array_equal(_values(tensors[name]), hf[hf_name] + 1.0)
 
 
-def test_gemma2_query_scale_llama_cpp_cannot_take_is_refused(tiny_model, tmp_path):
-    # conftest's Gemma 2 keeps transformers' default query_pre_attn_scalar (256) with 16-dim heads.
-    result = runner.invoke(app, ["export", str(tiny_model("gemma2")), "--out", str(tmp_path / "g.gguf")])
-    assert result.exit_code == 2
-    assert "query_pre_attn_scalar" in result.output
-    assert not list(tmp_path.iterdir())
+def _gemma2(sentencepiece_model, folder: Path, **shape: int) -> Path:
+    import transformers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    config = transformers.Gemma2Config(
+        vocab_size=len(tokenizer),
+        intermediate_size=64,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **shape,
+    )
+    return _with_random_norms(config, tokenizer, folder)
+
+
+@pytest.fixture(scope="module")
+def gemma2_other_scale(sentencepiece_model, tmp_path_factory) -> Path:
+    """Queries scaled by 1/sqrt(64) (query_pre_attn_scalar), with 16-dim heads, which llama.cpp would scale by
+    1/sqrt(16): the export folds sqrt(16 / 64) = 0.5 into the query projection."""
+    shape = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16, query_pre_attn_scalar=64
+    )
+    return _gemma2(sentencepiece_model, tmp_path_factory.mktemp("gemma2-scale") / "model", **shape)
+
+
+def test_gemma2_query_scale_is_folded_into_the_query_projection(gemma2_other_scale, tmp_path):
+    tensors = _tensors(_export(gemma2_other_scale, tmp_path / "g.gguf", "f32"))
+    hf = _hf_weights(gemma2_other_scale)
+    np.testing.assert_allclose(
+        _values(tensors["blk.1.attn_q.weight"]), hf["model.layers.1.self_attn.q_proj.weight"] * 0.5, rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        _values(tensors["blk.1.attn_k.weight"]), hf["model.layers.1.self_attn.k_proj.weight"]
+    )
+
+
+def test_gemma2_other_query_scale_through_llama_cpp(gemma2_other_scale, tmp_path):
+    pytest.importorskip("llama_cpp")
+    want, got = architectures.spm_logits(gemma2_other_scale, tmp_path / "g.gguf", "f32")
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
+
+
+def test_gemma2_27b_query_scale_through_llama_cpp(sentencepiece_model, tmp_path):
+    """Gemma 2 27B's queries are scaled by 1/sqrt(hidden/heads) = 1/sqrt(144), not by its head_dim of 128;
+    llama.cpp knows the 27B by its 46 layers and does the same, so nothing is folded. Here in miniature: 46
+    layers, hidden 64 over 4 heads (16) against 8-dim heads."""
+    pytest.importorskip("llama_cpp")
+    shape = dict(
+        hidden_size=64, num_hidden_layers=46, num_attention_heads=4, head_dim=8, query_pre_attn_scalar=16
+    )
+    model = _gemma2(sentencepiece_model, tmp_path / "model", **shape)
+    tensors = _tensors(_export(model, tmp_path / "plain.gguf", "f32"))
+    np.testing.assert_array_equal(
+        _values(tensors["blk.0.attn_q.weight"]), _hf_weights(model)["model.layers.0.self_attn.q_proj.weight"]
+    )
+    want, got = architectures.spm_logits(model, tmp_path / "g.gguf", "f32")
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
 
 
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
