@@ -344,3 +344,14 @@ def test_validate_and_plan_know_kto(tmp_path, tiny_model):
     assert bad.returncode == 2 and "dpo.loss: kto takes unpaired rows" in bad.stderr
     assert "Traceback" not in bad.stderr
 
+
+def test_the_shipped_kto_recipe_validates(tmp_path):
+    # recipes/demo-kto.yaml: the demo's 210 training pairs unpaired, one row of each label per pair, so the
+    # default weights are in the KTO paper's range (1 * 210 / (1 * 210) = 1) and nothing is warned about.
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo-kto.yaml"
+    result = qalign("validate", str(recipe), "--stage", "dpo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "objective: kto" in result.stdout
+    assert "420 of 420 rows kept (210 desirable and 210 undesirable rows)" in result.stdout
+    assert "20 desirable and 20 undesirable rows" in result.stdout
+    assert "warning" not in (result.stdout + result.stderr).lower()
