@@ -147,13 +147,14 @@ def _train(
     force_resume: bool,
     nproc: str = "auto",
 ) -> None:
-    from qalign.distributed import world_from_env
+    from qalign.distributed import check_launcher, world_from_env
     from qalign.progress import Progress
     from qalign.recipe_load import load_recipe
 
     world = world_from_env()
     with _user_errors():
         loaded = load_recipe(recipe, overrides)
+        check_launcher(loaded.distributed.strategy)
         present = [name for name in stages if getattr(loaded, name) is not None]
         if not present:
             raise UserError(

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -54,6 +54,42 @@ def world_from_env() -> World:
     if size <= 1:
         return SINGLE
     return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# How MPI launchers (mpirun; accelerate launch's MULTI_CPU with a hostfile goes through it) number their processes.
+MPI_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+HOW_TO_START = (
+    "start the workers with `accelerate launch --multi_gpu --num_processes N -m qalign ...` (torchrun underneath; "
+    "gloo on a CPU), `torchrun --nproc-per-node N -m qalign ...` or `qalign ... --nproc N`"
+)
+
+
+def check_launcher(strategy: str = "ddp", env: Mapping[str, str] = os.environ) -> None:
+    """Refuse a launcher that asked for several processes without describing a torch world (WORLD_SIZE): each
+    of its processes would otherwise train alone, or a single one would train a smaller global batch than asked.
+    accelerate launch's own launcher (--cpu, a MULTI_CPU config, or no --multi_gpu on a machine without two
+    GPUs) starts one process and sets MASTER_ADDR only when asked for more than one. Also refuse accelerate's
+    --use_fsdp on a ddp recipe: qalign reads the recipe's distributed.strategy, not accelerate's FSDP settings."""
+    if "WORLD_SIZE" in env:
+        if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and strategy != "fsdp":
+            raise UserError(
+                f"accelerate launch --use_fsdp, but the recipe's distributed.strategy is {strategy}: qalign does "
+                "not read accelerate's FSDP settings; set distributed.strategy: fsdp (or --set "
+                "distributed.strategy=fsdp) to shard, or launch with --multi_gpu"
+            )
+        return
+    for key in MPI_SIZES:
+        if env.get(key, "").isdigit() and int(env[key]) > 1:
+            raise UserError(
+                f"{key}={env[key]}: qalign was started by an MPI launcher, whose processes it does not join into "
+                f"one run; {HOW_TO_START}"
+            )
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
+        raise UserError(
+            "accelerate launch started qalign as one process although more were asked for (MASTER_ADDR is set, "
+            "WORLD_SIZE is not: its --cpu and MULTI_CPU launchers start one process, as does no --multi_gpu "
+            f"without two GPUs); {HOW_TO_START}; for one process, drop --num_processes"
+        )
 
 
 def join(world: World) -> torch.device:

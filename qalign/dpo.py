@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,6 +33,8 @@ class DpoExample:
     prompt_ids: list[int]
     reference: tuple[float, float, int, int] | None = None
     """Reference (chosen, rejected) summed log-probs and response lengths, when precomputed."""
+    noun: ClassVar[str] = "pair"
+    """What one example is called in progress lines and messages."""
 
     @property
     def input_ids(self) -> list[int]:  # what `validate` shows: the chosen side

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -38,6 +39,7 @@ class KtoExample(DpoExample):
     mismatched completion of the KL estimate (another row's completion after this prompt; scored, not trained)."""
 
     desirable: bool = True
+    noun: ClassVar[str] = "row"
 
 
 @dataclass

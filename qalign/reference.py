@@ -42,7 +42,7 @@ def compute_reference(
     model.eval()
     out = torch.zeros(len(examples), 4, dtype=torch.float64)
     skip = model.disable_adapter() if adds_nothing(model) else nullcontext()
-    with skip, progress.bar(f"reference {label}", len(examples), 0, unit="pair") as bar:
+    with skip, progress.bar(f"reference {label}", len(examples), 0, unit=noun(examples)) as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items() if k != "reference"}
@@ -55,6 +55,11 @@ def compute_reference(
             bar.update(start + half, {})
     model.train(was_training)
     return out
+
+
+def noun(examples: list[DpoExample]) -> str:
+    """ "pair" for DPO's examples, "row" for KTO's unpaired ones: what the messages count."""
+    return examples[0].noun if examples else DpoExample.noun
 
 
 def adds_nothing(model: torch.nn.Module) -> bool:
@@ -99,7 +104,7 @@ def attach_reference(
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(cache, save({"reference": values}))
         barrier(world)
-        progress.info(f"reference log-probs for {len(examples)} {label} pairs cached in {cache}")
+        progress.info(f"reference log-probs for {len(examples)} {label} {noun(examples)}s cached in {cache}")
     else:
         progress.info(f"reference log-probs for {label} read from {cache}")
     for example, row in zip(examples, values.tolist(), strict=True):

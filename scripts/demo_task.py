@@ -8,7 +8,8 @@ measure. Standard library only, so the report, the tests and the pretraining scr
   I am not sure."), so the SFT model answers with the equation but usually hedges. Measured by
   `score_format`.
 - DPO teaches a preference: the pairs prefer the plain, correct equation over a hedged or rambling one, and
-  over a plain one with a wrong sum or a wrong operand. Measured by `score_preferred`.
+  over a plain one with a wrong sum or a wrong operand. Measured by `score_preferred`. The KTO files hold the
+  same pairs unpaired (recipes/demo-kto.yaml): each chosen answer a desirable row, each rejected one not.
 
 The prompts held out for the demo's final table use operand pairs that no training file contains.
 `python scripts/demo_task.py [OUT_DIR]` writes the data (default recipes/data/), identically on every run.
@@ -51,6 +52,8 @@ FILES = {
     "dpo_train": "demo_dpo_train.jsonl",
     "dpo_eval": "demo_dpo_eval.jsonl",
     "heldout": "demo_heldout.jsonl",
+    "kto_train": "demo_kto_train.jsonl",
+    "kto_eval": "demo_kto_eval.jsonl",
 }
 DATA_DIR = Path(__file__).resolve().parent.parent / "recipes" / "data"
 
@@ -163,8 +166,18 @@ def _dpo_rows(rng: random.Random, pairs: list[tuple[int, int]], copies: int) -> 
     return rows
 
 
+def _kto_rows(pairs: list[dict]) -> list[dict]:
+    """KTO's unpaired rows from the DPO pairs: each pair's chosen answer as a desirable row, then its rejected
+    one as an undesirable row (no new draws, so the other files stay as they were)."""
+    rows = []
+    for pair in pairs:
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return rows
+
+
 def build(out_dir: Path | str = DATA_DIR, seed: int = SEED) -> dict[str, int]:
-    """Write the five data files (see FILES) into out_dir; return the row count of each."""
+    """Write the data files (see FILES) into out_dir; return the row count of each."""
     rng = random.Random(seed)
     train, evals, heldout = split_pairs(seed)
     heldout_prompts = []
@@ -178,6 +191,8 @@ def build(out_dir: Path | str = DATA_DIR, seed: int = SEED) -> dict[str, int]:
         FILES["dpo_eval"]: _dpo_rows(rng, evals, 4),  # 20
         FILES["heldout"]: heldout_prompts,  # 50 prompts
     }
+    files[FILES["kto_train"]] = _kto_rows(files[FILES["dpo_train"]])  # 420 rows
+    files[FILES["kto_eval"]] = _kto_rows(files[FILES["dpo_eval"]])  # 40
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():

@@ -37,6 +37,7 @@ def test_heldout_prompts_never_appear_in_training_data():
     trained = set()
     for line in (data / "demo_sft_train.jsonl").read_text().splitlines():
         trained.add(operands(json.loads(line)["messages"][0]["content"]))
-    for line in (data / "demo_dpo_train.jsonl").read_text().splitlines():
-        trained.add(operands(json.loads(line)["prompt"]))
+    for name in ("demo_dpo_train.jsonl", "demo_kto_train.jsonl"):
+        for line in (data / name).read_text().splitlines():
+            trained.add(operands(json.loads(line)["prompt"]))
     assert heldout and not heldout & trained

@@ -297,7 +297,9 @@ def test_qalign_dpo_trains_kto_and_reuses_the_reference_cache(tmp_path, tiny_mod
     result = qalign("dpo", str(recipe), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "16 desirable and 16 undesirable rows" in result.stdout
-    assert "cached in" in result.stdout
+    # Counted as rows (32: each label's 16), in the cache line and the reference pass's progress lines.
+    assert "reference log-probs for 32 train rows cached in" in result.stdout
+    assert "reference train row " in result.stdout and "pair" not in result.stdout
     logged = records(tmp_path)
     assert logged[0]["loss"] == pytest.approx(0.5, abs=1e-5) and logged[0]["kl"] == 0.0
     for record in logged:
@@ -341,3 +343,15 @@ def test_validate_and_plan_know_kto(tmp_path, tiny_model):
     bad = qalign("validate", str(recipe), "--stage", "dpo", cwd=tmp_path)
     assert bad.returncode == 2 and "dpo.loss: kto takes unpaired rows" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_shipped_kto_recipe_validates(tmp_path):
+    # recipes/demo-kto.yaml: the demo's 210 training pairs unpaired, one row of each label per pair, so the
+    # default weights are in the KTO paper's range (1 * 210 / (1 * 210) = 1) and nothing is warned about.
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "demo-kto.yaml"
+    result = qalign("validate", str(recipe), "--stage", "dpo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "objective: kto" in result.stdout
+    assert "420 of 420 rows kept (210 desirable and 210 undesirable rows)" in result.stdout
+    assert "20 desirable and 20 undesirable rows" in result.stdout
+    assert "warning" not in (result.stdout + result.stderr).lower()

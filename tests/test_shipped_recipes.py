@@ -9,6 +9,7 @@ import pytest
 
 from qalign.data import detect_format, read_rows, to_messages
 from qalign.dpo import split_preference
+from qalign.kto import is_unpaired, parse_unpaired
 from qalign.recipe_load import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -30,9 +31,13 @@ def test_recipe_is_valid(path: Path):
             if source is not None and Path(source).is_absolute():
                 # Local data ships with the repo and must be valid, row by row.
                 rows = read_rows(source)
+                # KTO's unpaired rows where the recipe reads them so (the loss and the data must agree).
+                unpaired = name == "dpo" and is_unpaired(rows, stage, path)
                 for row in rows:
                     if name == "sft":
                         to_messages(row, detect_format(rows, stage.data.format))
+                    elif unpaired:
+                        parse_unpaired(row)
                     else:
                         split_preference(row)
 
