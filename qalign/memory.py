@@ -265,7 +265,7 @@ def estimate(
             + (
                 f"{recipe.dpo.loss} is reference-free: no reference pass, nothing cached"
                 if recipe.dpo is not None and recipe.dpo.reference_free
-                else "reference log-probs cached (4 numbers per pair, in host memory)"
+                else f"reference log-probs cached (4 numbers per {'row' if kto else 'pair'}, in host memory)"
                 if recipe.dpo is not None and recipe.dpo.reference == "precompute"
                 else "live reference: an extra no-grad forward before each step (not at the peak)"
             )
