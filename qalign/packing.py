@@ -8,6 +8,15 @@ function untouched.
 
 The segments travel in the forward's keyword arguments, which transformers hands to every attention call and
 which gradient checkpointing keeps for its recomputation, so a recomputed layer sees the same segments.
+
+On a CPU each segment's attention runs on a whole number of SEGMENT_BLOCK tokens, zeros after its end. torch's
+CPU flash attention builds a oneDNN kernel per (query, key) length it meets and keeps them all, per thread, for
+the life of the process (about 7 MiB per new length in bf16, forward and backward, on a 2-core AMX Xeon); every
+example of a packed row is a length of its own, where a padded micro-batch has one length, so without the
+blocks the resident memory of a packed run grew by several times what its activations take
+(benchmarks/packing_memory.py). The extra keys come after every real query, so the causal mask (or the pair's
+mask, padded with masked columns) keeps them out, and the extra queries' outputs are dropped: the attention of
+the real tokens is unchanged.
 """
 
 from __future__ import annotations
@@ -61,13 +70,39 @@ def config_blocker(config: object, length: int) -> str:
     )
 
 
+SEGMENT_BLOCK = 64
+"""On a CPU, segments attend in multiples of this many tokens (see above): a 300-token example and its rows
+cost at most 63 more keys and queries in attention only, and the lengths torch's kernel cache meets stay few."""
+
+
+def attention_length(length: int, device: torch.device) -> int:
+    """The length a segment of `length` tokens runs its attention at on `device`."""
+    if device.type != "cpu":
+        return length
+    return -(-length // SEGMENT_BLOCK) * SEGMENT_BLOCK
+
+
 def forward_kwargs(
     ends: Sequence[int], masks: Sequence[torch.Tensor | None] | None = None
 ) -> dict[str, object]:
-    """The decoder's extra arguments for a packed row whose examples end at `ends` (exclusive, ascending)."""
+    """The decoder's extra arguments for a packed row whose examples end at `ends` (exclusive, ascending).
+    Each mask is padded here, once for every layer, to the length its segment's attention runs at."""
     starts = [0, *ends[:-1]]
-    masks = masks if masks is not None else [None] * len(ends)
+    masks = [None] * len(ends) if masks is None else [_padded_mask(m) for m in masks]
     return {"attention_mask": _PREPARED, PACKED: tuple(zip(starts, ends, masks, strict=True))}
+
+
+def _padded_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A segment's [1, 1, n, n] additive mask at its attention length: the extra keys masked for every real
+    query; the extra queries (whose outputs are dropped) see every key, so their softmax stays finite."""
+    if mask is None:
+        return None
+    n = mask.shape[-1]
+    extra = attention_length(n, mask.device) - n
+    if extra == 0:
+        return mask
+    mask = F.pad(mask, (0, extra), value=torch.finfo(mask.dtype).min)
+    return F.pad(mask, (0, 0, 0, extra), value=0.0)
 
 
 def _segmented_sdpa(
@@ -91,18 +126,20 @@ def _segmented_sdpa(
     groups = getattr(module, "num_key_value_groups", 1)
     outputs = []
     for start, end, mask in segments:
-        outputs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                attn_mask=mask,
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=mask is None and end - start > 1,
-                enable_gqa=groups > 1,
-            )
+        n = end - start
+        size = mask.shape[-1] if mask is not None else attention_length(n, query.device)
+        parts = [t[:, :, start:end] for t in (query, key, value)]
+        if size > n:
+            parts = [F.pad(t, (0, 0, 0, size - n)) for t in parts]
+        attended = F.scaled_dot_product_attention(
+            *parts,
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=mask is None and size > 1,
+            enable_gqa=groups > 1,
         )
+        outputs.append(attended[:, :, :n])
     # [1, heads, T, dim] -> [1, T, heads, dim], the layout transformers' attention functions return.
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -149,7 +186,8 @@ def packs(
     if not blocker and stage == "dpo" and default:
         # Measured in `make bench` (benchmarks/RESULTS_PACKING.md): a pair's row already shares its prompt and
         # keeps little padding, and packed pairs ran 1.10x faster (within the noise) for 1.7x the training
-        # memory. dpo.packing: true still packs them.
+        # memory (most of it torch's CPU attention kernel cache, since bounded: benchmarks/RESULTS_NOTES.md;
+        # not re-measured here). dpo.packing: true still packs them.
         return False, "DPO's pair rows keep little padding (dpo.packing: true packs them)"
     return not blocker, blocker
 

@@ -13,7 +13,7 @@ from test_cli_sft import qalign
 
 from qalign.chat_template import IGNORE
 from qalign.dpo import DpoExample, collate_dpo, collate_dpo_packed
-from qalign.packing import forward_kwargs, packing_blocker
+from qalign.packing import PACKED, forward_kwargs, packing_blocker
 from qalign.sft import SftExample, collate_sft_packed
 
 
@@ -69,6 +69,52 @@ def test_segmented_attention_equals_each_example_alone(arch):
         input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids)
     ).last_hidden_state
     assert not torch.allclose(crossed[:, lengths[0] :], alone[:, lengths[0] :], atol=1e-3)
+
+
+def test_segments_attend_in_whole_blocks_on_a_cpu(monkeypatch):
+    """torch's CPU flash attention keeps a kernel per length it meets, for the life of the process: a packed row
+    of 12 examples of 12 lengths must reach it as at most ceil(200 / 64) = 4 lengths, and the attention of the
+    real tokens must stay each example's own."""
+    import transformers
+
+    import qalign.packing as packing
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    config_class, kwargs = ARCHS["llama"]
+    config = getattr(transformers, config_class)(**kwargs, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    decoder = transformers.AutoModelForCausalLM.from_config(config).eval().get_decoder()
+    lengths = [1, 7, 30, 63, 64, 65, 90, 127, 128, 129, 150, 200]
+    seqs = [torch.randint(3, 1000, (1, n)) for n in lengths]
+    alone = torch.cat([decoder(input_ids=s).last_hidden_state for s in seqs], dim=1)
+    ids = torch.cat(seqs, dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    monkeypatch.setattr(packing.F, "scaled_dot_product_attention", spy)
+    packed = decoder(input_ids=ids, position_ids=positions, **forward_kwargs(ends)).last_hidden_state
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    # Each segment rounded up to whole blocks of 64: 64, 128, 192 and 256 tokens, in every layer.
+    assert sorted(set(seen)) == [64, 128, 192, 256]
+    assert len(seen) == len(lengths) * config.num_hidden_layers
+
+
+def test_a_pair_mask_is_padded_with_masked_keys():
+    """A DPO pair's 3 x 3 additive mask at the 64-token length its attention runs at on a CPU: real queries keep
+    their 3 x 3 block and see none of the 61 extra keys; the extra queries see every key (a finite softmax)."""
+    low = torch.finfo(torch.float32).min
+    mask = torch.tensor([[0.0, low, low], [0.0, 0.0, low], [0.0, low, 0.0]]).view(1, 1, 3, 3)
+    (_, _, padded), *_ = forward_kwargs([3], [mask])[PACKED]
+    assert padded.shape == (1, 1, 64, 64)
+    assert torch.equal(padded[..., :3, :3], mask)
+    assert bool((padded[..., :3, 3:] == low).all())
+    assert bool((padded[..., 3:, :] == 0).all())
 
 
 def test_blockers():
