@@ -118,7 +118,7 @@ def _segmented_sdpa(
 ) -> tuple[torch.Tensor, None]:
     segments = kwargs.pop(PACKED, None)
     if segments is None:
-        return _SDPA(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+        return _blocked_sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
     if unsupported or query.shape[0] != 1:
         raise RuntimeError(f"packed rows cannot run this attention ({', '.join(unsupported) or 'batch > 1'})")
@@ -145,6 +145,46 @@ def _segmented_sdpa(
 
 
 _SDPA = sdpa_attention_forward
+
+
+def _blocked_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: object,
+    **kwargs: object,
+) -> tuple[torch.Tensor, object]:
+    """transformers' sdpa for a whole (padded) row, which on a CPU in bf16 or fp16 also attends in whole blocks:
+    the lengths of padded micro-batches vary as much as examples do, and torch keeps a kernel for each (fp32's
+    kernels are not kept that way). Self-attention over the row only (training, eval, a prefill); a decoding
+    step, a bidirectional attention without a mask or a position bias runs as it comes."""
+    n = query.shape[2]
+    size = attention_length(n, query.device)
+    if (
+        size == n
+        or query.dtype not in (torch.bfloat16, torch.float16)
+        or key.shape[2] != n
+        or kwargs.get("position_bias") is not None
+        or (attention_mask is None and not getattr(module, "is_causal", True))
+        or (attention_mask is not None and attention_mask.shape[-1] != n)
+    ):
+        return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
+    extra = size - n
+    query, key, value = (F.pad(t, (0, 0, 0, extra)) for t in (query, key, value))
+    if attention_mask is not None:
+        # The extra keys masked for every query; extra queries (a row of their own, when the mask has one per
+        # query) see every key, so that no softmax row is empty. Without a mask the causal flag does the same.
+        boolean = attention_mask.dtype == torch.bool
+        masked = False if boolean else torch.finfo(attention_mask.dtype).min
+        attention_mask = F.pad(attention_mask, (0, extra), value=masked)
+        if attention_mask.shape[-2] == n:
+            attention_mask = F.pad(attention_mask, (0, 0, 0, extra), value=True if boolean else 0.0)
+    output, weights = _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
+    return output[:, :n], weights  # [batch, tokens, heads, dim]
+
+
 AttentionInterface.register("sdpa", _segmented_sdpa)
 _CALLS = [0]
 

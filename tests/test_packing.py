@@ -105,6 +105,60 @@ def test_segments_attend_in_whole_blocks_on_a_cpu(monkeypatch):
     assert len(seen) == len(lengths) * config.num_hidden_layers
 
 
+def test_padded_rows_attend_in_whole_blocks_in_bf16_on_a_cpu(monkeypatch):
+    """A padded micro-batch (70 tokens, one row shorter, so a mask) reaches bf16 attention as 128 tokens, with the
+    real tokens' hidden states those of unblocked attention (to bf16 rounding); fp32 runs as it comes; and
+    greedy generation (a blocked prefill, then decoding steps with a cache) picks the same tokens."""
+    import transformers
+
+    import qalign.packing as packing
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append((query.shape[2], query.dtype))
+        return sdpa(query, *args, **kwargs)
+
+    config_class, kwargs = ARCHS["llama"]
+    config = getattr(transformers, config_class)(**kwargs, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 1000, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[1, 60:] = 0
+    monkeypatch.setattr(
+        transformers.integrations.sdpa_attention.torch.nn.functional, "scaled_dot_product_attention", spy
+    )
+
+    def hidden(dtype: torch.dtype, block: int) -> torch.Tensor:
+        monkeypatch.setattr(packing, "SEGMENT_BLOCK", block)
+        with torch.no_grad():
+            return model.to(dtype).model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+
+    blocked = hidden(torch.bfloat16, 64)
+    assert {length for length, _ in seen} == {128}
+    seen.clear()
+    plain = hidden(torch.bfloat16, 1)
+    assert {length for length, _ in seen} == {70}
+    real = mask.bool()
+    torch.testing.assert_close(blocked[real], plain[real], rtol=0.05, atol=0.05)
+    seen.clear()
+    hidden(torch.float32, 64)
+    assert {length for length, _ in seen} == {70}
+
+    def greedy(block: int) -> list[int]:
+        monkeypatch.setattr(packing, "SEGMENT_BLOCK", block)
+        model.to(torch.bfloat16)
+        out = model.generate(ids[:1, :20], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        return out[0, 20:].tolist()
+
+    seen.clear()
+    assert greedy(64) == greedy(1)
+    assert (64, torch.bfloat16) in seen and (1, torch.bfloat16) in seen  # the prefill blocked, decoding not
+
+
 def test_a_pair_mask_is_padded_with_masked_keys():
     """A DPO pair's 3 x 3 additive mask at the 64-token length its attention runs at on a CPU: real queries keep
     their 3 x 3 block and see none of the 61 extra keys; the extra queries see every key (a finite softmax)."""
