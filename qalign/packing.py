@@ -225,9 +225,8 @@ def packs(
     )
     if not blocker and stage == "dpo" and default:
         # Measured in `make bench` (benchmarks/RESULTS_PACKING.md): a pair's row already shares its prompt and
-        # keeps little padding, and packed pairs ran 1.10x faster (within the noise) for 1.7x the training
-        # memory (most of it torch's CPU attention kernel cache, since bounded: benchmarks/RESULTS_NOTES.md;
-        # not re-measured here). dpo.packing: true still packs them.
+        # keeps little padding; packed pairs ran at 0.96x the padded speed with the same training memory once
+        # CPU attention ran in whole blocks (1.10x and 1.7x the memory before). dpo.packing: true packs them.
         return False, "DPO's pair rows keep little padding (dpo.packing: true packs them)"
     return not blocker, blocker
 
