@@ -58,29 +58,31 @@ def _with_random_norms(config: object, tokenizer: object, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def gemma2_model(sentencepiece_model, tmp_path_factory) -> Path:
-    """A tiny Gemma 2 whose queries are scaled as llama.cpp scales them (query_pre_attn_scalar = head_dim),
-    with random norm weights so that the (1 + weight) of Gemma's RMSNorm shows."""
+def _gemma2(sentencepiece_model, folder: Path, **shape: int) -> Path:
+    """A tiny Gemma 2 of `shape` (hidden 64 over 4 heads of 16 and 2 layers unless it says otherwise), with
+    random norm weights so that the (1 + weight) of Gemma's RMSNorm shows."""
     import transformers
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16) | shape
     config = transformers.Gemma2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **shape,
     )
-    return _with_random_norms(config, tokenizer, tmp_path_factory.mktemp("gemma2") / "model")
+    return _with_random_norms(config, tokenizer, folder)
+
+
+@pytest.fixture(scope="module")
+def gemma2_model(sentencepiece_model, tmp_path_factory) -> Path:
+    """Queries scaled as llama.cpp scales them (query_pre_attn_scalar = head_dim)."""
+    return _gemma2(sentencepiece_model, tmp_path_factory.mktemp("gemma2") / "model", query_pre_attn_scalar=16)
 
 
 def test_gemma2_norms_and_softcaps(gemma2_model, tmp_path):
@@ -102,32 +104,13 @@ def test_gemma2_norms_and_softcaps(gemma2_model, tmp_path):
         np.testing.assert_array_equal(_values(tensors[name]), hf[hf_name] + 1.0)
 
 
-def _gemma2(sentencepiece_model, folder: Path, **shape: int) -> Path:
-    import transformers
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_model)
-    config = transformers.Gemma2Config(
-        vocab_size=len(tokenizer),
-        intermediate_size=64,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **shape,
-    )
-    return _with_random_norms(config, tokenizer, folder)
-
-
 @pytest.fixture(scope="module")
 def gemma2_other_scale(sentencepiece_model, tmp_path_factory) -> Path:
     """Queries scaled by 1/sqrt(64) (query_pre_attn_scalar), with 16-dim heads, which llama.cpp would scale by
     1/sqrt(16): the export folds sqrt(16 / 64) = 0.5 into the query projection."""
-    shape = dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16, query_pre_attn_scalar=64
+    return _gemma2(
+        sentencepiece_model, tmp_path_factory.mktemp("gemma2-scale") / "model", query_pre_attn_scalar=64
     )
-    return _gemma2(sentencepiece_model, tmp_path_factory.mktemp("gemma2-scale") / "model", **shape)
 
 
 def test_gemma2_query_scale_is_folded_into_the_query_projection(gemma2_other_scale, tmp_path):
@@ -152,10 +135,9 @@ def test_gemma2_27b_query_scale_through_llama_cpp(sentencepiece_model, tmp_path)
     llama.cpp knows the 27B by its 46 layers and does the same, so nothing is folded. Here in miniature: 46
     layers, hidden 64 over 4 heads (16) against 8-dim heads."""
     pytest.importorskip("llama_cpp")
-    shape = dict(
-        hidden_size=64, num_hidden_layers=46, num_attention_heads=4, head_dim=8, query_pre_attn_scalar=16
+    model = _gemma2(
+        sentencepiece_model, tmp_path / "model", num_hidden_layers=46, head_dim=8, query_pre_attn_scalar=16
     )
-    model = _gemma2(sentencepiece_model, tmp_path / "model", **shape)
     tensors = _tensors(_export(model, tmp_path / "plain.gguf", "f32"))
     np.testing.assert_array_equal(
         _values(tensors["blk.0.attn_q.weight"]), _hf_weights(model)["model.layers.0.self_attn.q_proj.weight"]
