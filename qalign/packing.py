@@ -9,14 +9,16 @@ function untouched.
 The segments travel in the forward's keyword arguments, which transformers hands to every attention call and
 which gradient checkpointing keeps for its recomputation, so a recomputed layer sees the same segments.
 
-On a CPU each segment's attention runs on a whole number of SEGMENT_BLOCK tokens, zeros after its end. torch's
+On a CPU in bf16 or fp16 each segment's attention (and a whole padded row's) runs on a whole number of
+SEGMENT_BLOCK tokens, zeros after its end. torch's
 CPU flash attention builds a oneDNN kernel per (query, key) length it meets and keeps them all, per thread, for
 the life of the process (about 7 MiB per new length in bf16, forward and backward, on a 2-core AMX Xeon); every
 example of a packed row is a length of its own, where a padded micro-batch has one length, so without the
 blocks the resident memory of a packed run grew by several times what its activations take
 (benchmarks/packing_memory.py). The extra keys come after every real query, so the causal mask (or the pair's
 mask, padded with masked columns) keeps them out, and the extra queries' outputs are dropped: the attention of
-the real tokens is unchanged.
+the real tokens is unchanged (to rounding, which is why fp32, whose kernels are not kept that way, is left as
+it was).
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ SEGMENT_BLOCK = 64
 cost at most 63 more keys and queries in attention only, and the lengths torch's kernel cache meets stay few."""
 
 
-def attention_length(length: int, device: torch.device) -> int:
-    """The length a segment of `length` tokens runs its attention at on `device`."""
-    if device.type != "cpu":
+def attention_length(length: int, device: torch.device, dtype: torch.dtype) -> int:
+    """The length a segment of `length` tokens runs its attention at on `device` in `dtype`: whole blocks on a
+    CPU in bf16 or fp16, whose kernels torch keeps per length; fp32's it does not keep (80 lengths: 17 MiB
+    against bf16's 556), and fp32 runs stay exactly what they were."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return length
     return -(-length // SEGMENT_BLOCK) * SEGMENT_BLOCK
 
@@ -98,7 +102,7 @@ def _padded_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None:
         return None
     n = mask.shape[-1]
-    extra = attention_length(n, mask.device) - n
+    extra = attention_length(n, mask.device, mask.dtype) - n
     if extra == 0:
         return mask
     mask = F.pad(mask, (0, extra), value=torch.finfo(mask.dtype).min)
@@ -127,7 +131,7 @@ def _segmented_sdpa(
     outputs = []
     for start, end, mask in segments:
         n = end - start
-        size = mask.shape[-1] if mask is not None else attention_length(n, query.device)
+        size = mask.shape[-1] if mask is not None else attention_length(n, query.device, query.dtype)
         parts = [t[:, :, start:end] for t in (query, key, value)]
         if size > n:
             parts = [F.pad(t, (0, 0, 0, size - n)) for t in parts]
@@ -161,10 +165,9 @@ def _blocked_sdpa(
     kernels are not kept that way). Self-attention over the row only (training, eval, a prefill); a decoding
     step, a bidirectional attention without a mask or a position bias runs as it comes."""
     n = query.shape[2]
-    size = attention_length(n, query.device)
+    size = attention_length(n, query.device, query.dtype)
     if (
         size == n
-        or query.dtype not in (torch.bfloat16, torch.float16)
         or key.shape[2] != n
         or kwargs.get("position_bias") is not None
         or (attention_mask is None and not getattr(module, "is_causal", True))
