@@ -279,22 +279,39 @@ def replicate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 # -- fsdp: the 4-bit base sharded over the ranks ---------------------------------------------------------------
-def shard(model: torch.nn.Module, world: World, device: torch.device) -> tuple[int, int]:
-    """FSDP2 (`fully_shard`), in place: every decoder layer is a unit whose weights (the 4-bit base's included)
-    are split over the ranks and gathered only while it runs; the decoder is the root unit. The LM head stays
-    whole on every rank (the loss multiplies by its weight directly, outside any unit's forward), and so does a
-    tied input embedding. Returns (bytes of weights this rank holds, bytes of the whole model)."""
-    import bitsandbytes as bnb
+def shard_mesh(world: World, device: torch.device) -> object:
+    """The ranks' device mesh for fsdp (a collective: every rank calls it, before any loads its model)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world.size,))
+
+
+def in_turns(work: Callable[[], T], world: World) -> T:
+    """`work` on every rank, one rank after another (rank 0 first), each waiting for the ones before it."""
+    result = None
+    for rank in range(world.size):
+        if rank == world.rank:
+            result = work()
+        barrier(world)
+    return result
+
+
+def shard(model: torch.nn.Module, mesh: object, device: torch.device) -> tuple[int, int]:
+    """FSDP2 (`fully_shard`), in place: every decoder layer is a unit whose weights (the 4-bit base's included)
+    are split over the ranks and gathered only while it runs; the decoder is the root unit. Each unit's weights
+    move to `device` (from host memory when the model was loaded there) as it is sharded, and what no unit holds
+    follows them: the LM head stays whole on every rank (the loss multiplies by its weight directly, outside
+    any unit's forward), and so does a tied input embedding. Returns (bytes of weights this rank holds, bytes
+    of the whole model)."""
+    import bitsandbytes as bnb
     from torch.distributed.fsdp import fully_shard
 
     from qalign.logprobs import base_model
 
-    for module in model.modules():
+    for name, module in model.named_modules():
         layer = module if isinstance(module, bnb.nn.Linear4bit) else getattr(module, "base_layer", None)
         if isinstance(layer, bnb.nn.Linear4bit):
-            module.register_forward_pre_hook(_quant_state_hook(layer))
-    mesh = init_device_mesh(device.type, (world.size,))
+            module.register_forward_pre_hook(_quant_state_hook(layer, name, _checksum(layer.weight)))
     base = base_model(model)
     decoder = base.get_decoder()
     layers = getattr(decoder, "layers", None)
@@ -307,7 +324,21 @@ def shard(model: torch.nn.Module, world: World, device: torch.device) -> tuple[i
     head = base.get_output_embeddings()
     tied = {p for p in decoder.parameters() if head is not None and p is head.weight}
     fully_shard(decoder, mesh=mesh, ignored_params=tied or None)
+    _move_the_rest(model, device)
     return _bytes(model, local=True), _bytes(model, local=False)
+
+
+def _move_the_rest(model: torch.nn.Module, device: torch.device) -> None:
+    """Move every weight and buffer no fsdp unit manages (the LM head, a tied embedding) to `device`."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and not isinstance(param, DTensor) and param.device != device:
+                param.data = param.data.to(device)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
 
 
 def _bytes(model: torch.nn.Module, local: bool) -> int:
@@ -319,14 +350,34 @@ def _bytes(model: torch.nn.Module, local: bool) -> int:
     return total
 
 
-def _quant_state_hook(layer: torch.nn.Module) -> Callable:
+def _checksum(weight: torch.Tensor) -> list[int]:
+    """Sums of the bytes of 16 consecutive slices of a packed 4-bit weight: a gather that changes, drops or
+    reorders bytes changes them."""
+    flat = weight.detach().reshape(-1).view(torch.uint8)
+    return [int(part.sum(dtype=torch.int64)) for part in torch.tensor_split(flat, 16)]
+
+
+def _quant_state_hook(layer: torch.nn.Module, name: str, checksum: list[int]) -> Callable:
     """Gathering a unit's weights gives each 4-bit weight a new tensor without the quantization state, which
-    bitsandbytes keeps on the layer too: put it back before the layer (or the LoRA layer around it) runs."""
+    bitsandbytes keeps on the layer too: put it back before the layer (or the LoRA layer around it) runs.
+
+    The packed 4-bit bytes travel in a float dtype, and an operation that touches them as floats (a cast, a NaN
+    made canonical) corrupts them silently (bitsandbytes#1945 reports this for FSDP2 with bf16 storage on some
+    GPUs): the first gather is checked against the bytes as loaded, and a difference stops the run."""
+    pending = [True]
 
     def hook(module: torch.nn.Module, args: object) -> None:
         weight = layer.weight
         if getattr(weight, "quant_state", None) is None:
             weight.quant_state = layer.quant_state
+        if pending[0]:
+            pending[0] = False
+            if _checksum(weight) != checksum:
+                raise UserError(
+                    f"distributed.strategy: fsdp: the 4-bit weights of {name} came back changed from the "
+                    "ranks' gather (their packed bytes do not survive this torch/bitsandbytes combination); "
+                    "use distributed.strategy: ddp"
+                )
 
     return hook
 

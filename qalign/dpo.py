@@ -448,7 +448,8 @@ def make_stage(context: object) -> Stage:
     pairs = [*context.data.train, *(context.data.eval or [])]
     longest = max((len(e.chosen_ids) + len(e.rejected_ids) - shared_prefix(e) for e in pairs), default=0)
     check_model(model.config, "dpo", spec.packing is True, longest)
-    if spec.reference == "precompute" and not spec.reference_free:
+
+    def precompute() -> None:
         model_spec = context.recipe.model
         starting_point = {
             "base": model_spec.base,
@@ -473,6 +474,7 @@ def make_stage(context: object) -> Stage:
                     label,
                     context.world,
                 )
+
     stage = Stage(
         name="dpo",
         spec=spec,
@@ -486,6 +488,7 @@ def make_stage(context: object) -> Stage:
         else make_dpo_step(spec, reference_adapter),
         weight=lambda example: 1,
         show=("loss", "rewards/margin", "rewards/accuracy"),
+        prepare=precompute if spec.reference == "precompute" and not spec.reference_free else None,
     )
     if spec.loss == "kto":
         from qalign.kto import as_kto

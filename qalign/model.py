@@ -118,10 +118,14 @@ def load_tokenizer(
     return tokenizer
 
 
-def load_base(spec: ModelSpec, device: torch.device, sharded: bool = False) -> torch.nn.Module:
-    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, or plain weights for `none`. `sharded`: the
-    packed 4-bit weights are stored in the compute dtype, as FSDP wants every weight of a unit in one dtype
-    (bitsandbytes reads the bytes the same either way)."""
+def load_base(
+    spec: ModelSpec, device: torch.device, sharded: bool = False, load_on: torch.device | None = None
+) -> torch.nn.Module:
+    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, or plain weights for `none`, for training on
+    `device`, loaded onto `load_on` (default: `device`). `sharded`: the packed 4-bit weights are stored in the
+    compute dtype, as FSDP wants every weight of a unit in one dtype (bitsandbytes reads the bytes the same
+    either way)."""
+    load_on = load_on or device
     dtype = compute_dtype(spec.compute_dtype, device)
     quantization = None
     if spec.quantization != "none":
@@ -145,7 +149,7 @@ def load_base(spec: ModelSpec, device: torch.device, sharded: bool = False) -> t
             quantization_config=quantization,
             dtype=dtype,
             device_map={
-                "": device.index if device.type == "cuda" and device.index is not None else device.type
+                "": load_on.index if load_on.type == "cuda" and load_on.index is not None else load_on.type
             },
             trust_remote_code=spec.trust_remote_code,
             # Pickle checkpoints can run code when loaded; they need an explicit opt-in (and even then

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load, save
 
 from qalign.atomic import atomic_write_bytes
-from qalign.distributed import SINGLE, World, barrier, gather_rows, main_decides
+from qalign.distributed import SINGLE, World, any_rank, barrier, gather_rows, is_sharded, main_decides
 from qalign.dpo import DpoExample, collate_dpo, sequence_logprobs
 from qalign.progress import Progress
 
@@ -36,23 +36,37 @@ def compute_reference(
     device: torch.device,
     progress: Progress,
     label: str,
+    rounds: int = 0,
+    filler: list[DpoExample] | None = None,
+    skip_adapter: bool | None = None,
 ) -> torch.Tensor:
-    """[N, 4] float64: reference (chosen, rejected) summed log-probs and (chosen, rejected) response lengths."""
+    """[N, 4] float64: reference (chosen, rejected) summed log-probs and (chosen, rejected) response lengths.
+
+    A sharded model gathers its weights from every rank in each forward, so every rank must run as many:
+    `rounds` forwards at least, the missing ones on `filler` (results dropped). `skip_adapter`: whether the
+    adapter adds nothing (the ranks' common answer under fsdp; by default this model's)."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(examples), 4, dtype=torch.float64)
-    skip = model.disable_adapter() if adds_nothing(model) else nullcontext()
+    skip_adapter = adds_nothing(model) if skip_adapter is None else skip_adapter
+    skip = model.disable_adapter() if skip_adapter else nullcontext()
+    starts = list(range(0, len(examples), batch_size))
+
+    def batch_of(chunk: list[DpoExample]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items() if k != "reference"}
+
     with skip, progress.bar(f"reference {label}", len(examples), 0, unit=noun(examples)) as bar:
-        for start in range(0, len(examples), batch_size):
+        for start in starts:
             chunk = examples[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items() if k != "reference"}
-            sums, counts = sequence_logprobs(model, batch)
+            sums, counts = sequence_logprobs(model, batch_of(chunk))
             half = len(chunk)
             out[start : start + half, 0] = sums[:half].double().cpu()
             out[start : start + half, 1] = sums[half:].double().cpu()
             out[start : start + half, 2] = counts[:half].double().cpu()
             out[start : start + half, 3] = counts[half:].double().cpu()
             bar.update(start + half, {})
+        for _ in range(rounds - len(starts)):
+            sequence_logprobs(model, batch_of(filler or examples[:1]))
     model.train(was_training)
     return out
 
@@ -66,7 +80,9 @@ def adds_nothing(model: torch.nn.Module) -> bool:
     """A fresh LoRA adapter starts with every B matrix zero, so the base alone computes exactly the same
     log-probs, without the adapter's matmuls."""
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
-    return bool(lora_b) and hasattr(model, "disable_adapter") and not any(bool(p.any()) for p in lora_b)
+    # A sharded weight answers for this rank's shard (to_local): the ranks then agree through any_rank.
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in lora_b]
+    return bool(lora_b) and hasattr(model, "disable_adapter") and not any(bool(p.any()) for p in local)
 
 
 def attach_reference(
@@ -98,7 +114,15 @@ def attach_reference(
     if values is None:
         per_rank = -(-len(examples) // world.size)
         mine = examples[world.rank * per_rank : (world.rank + 1) * per_rank]
-        part = compute_reference(model, mine, batch_size, pad_id, device, progress, label)
+        sharding = {}
+        if is_sharded(model):
+            # Rank 0's share is the largest: every rank runs its number of batches.
+            sharding = {
+                "rounds": -(-min(per_rank, len(examples)) // batch_size),
+                "filler": examples[:1],
+                "skip_adapter": not any_rank(not adds_nothing(model), world),
+            }
+        part = compute_reference(model, mine, batch_size, pad_id, device, progress, label, **sharding)
         values = gather_rows(part, world)
         if world.main:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,13 @@ from qalign.distributed import (
     barrier,
     from_main,
     full_weights,
+    in_turns,
     join,
     leave,
     main_decides,
     replicate,
     shard,
+    shard_mesh,
 )
 from qalign.errors import UserError
 from qalign.identity import DTYPE_NAMES, START_CHANGE, fingerprint_changes, stage_identity
@@ -149,35 +151,36 @@ def run_stage(
         if resume_from == "done":
             return paths.adapter
         sharded = world.many and recipe.distributed.strategy == "fsdp"
-        model = load_model(recipe, name, device, dtype, start, progress, sharded)
-        context = StageContext(
-            recipe,
-            getattr(recipe, name),
-            paths,
-            tokenizer,
-            data,
-            model,
-            device,
-            dtype,
-            start,
-            progress,
-            world,
-        )
-        if name == "sft":
-            from qalign.sft import make_stage
-        else:
-            from qalign.dpo import make_stage
-        stage: Stage = make_stage(context)
+        mesh = shard_mesh(world, device) if sharded else None
+
+        def build() -> tuple[torch.nn.Module, Stage]:
+            model = load_model(recipe, name, device, dtype, start, progress, sharded)
+            spec = getattr(recipe, name)
+            context = StageContext(
+                recipe, spec, paths, tokenizer, data, model, device, dtype, start, progress, world
+            )
+            if name == "sft":
+                from qalign.sft import make_stage
+            else:
+                from qalign.dpo import make_stage
+            stage = make_stage(context)
+            if mesh is not None:
+                held, whole = shard(model, mesh, device)
+                progress.info(
+                    f"fsdp: each of {world.size} processes holds {held / 2**20:,.1f} MiB of the model's "
+                    f"{whole / 2**20:,.1f} MiB of weights"
+                )
+            return model, stage
+
+        # Under fsdp the processes load one after another, each keeping only its shard before the next loads:
+        # one whole copy of the model in host memory at a time.
+        model, stage = in_turns(build, world) if sharded else build()
+        if stage.prepare is not None:
+            stage.prepare()
         config = recipe.model_dump(mode="json")
         trackers = Trackers(
             recipe.report_to if world.main else [], paths, f"{recipe.name}-{name}", config, progress.warn
         )
-        if sharded:
-            held, whole = shard(model, world, device)
-            progress.info(
-                f"fsdp: each of {world.size} processes holds {held / 2**20:,.1f} MiB of the model's "
-                f"{whole / 2**20:,.1f} MiB of weights"
-            )
         runs = replicate(model, device) if world.many and not sharded else model
         trainer = Trainer(
             stage, runs, paths, recipe.seed, device, dtype, progress, fingerprint, trackers, world
@@ -406,10 +409,13 @@ def load_model(
         torch.cuda.reset_peak_memory_stats()
     # Seeded before the adapter exists: LoRA's initial weights come from the global RNG.
     set_seed(recipe.seed)
-    base = load_base(recipe.model, device, sharded)
+    # fsdp is for models whose 4-bit weights do not fit one GPU: each process quantizes its copy in host memory
+    # and sharding moves only its shard of each layer onto its GPU.
+    load_on = torch.device("cpu") if sharded and device.type == "cuda" else device
+    base = load_base(recipe.model, device, sharded, load_on)
     progress.info(
         f"base {recipe.model.base}: {footprint_bytes(base) / 2**20:,.1f} MiB in memory "
-        f"({recipe.model.quantization}, compute {DTYPE_NAMES[dtype]}, {device.type})"
+        f"({recipe.model.quantization}, compute {DTYPE_NAMES[dtype]}, {load_on.type})"
     )
     spec: TrainSpec = getattr(recipe, name)
     model = attach_lora(base, recipe.lora, spec.gradient_checkpointing, start)

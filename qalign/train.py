@@ -57,6 +57,9 @@ class Stage:
     summarize: Callable[[dict[str, float]], dict[str, float]] | None = None
     """Turns a step's summed shares into its metrics, for means the normalizer cannot give (KTO's means over
     the desirable rows alone); None: the sums are the metrics."""
+    prepare: Callable[[], None] | None = None
+    """Work on the model as it will train, run once before the first step (after fsdp has sharded it): DPO's
+    reference pass, which would otherwise run on a whole copy of the model in every process."""
 
 
 def total_steps(spec: TrainSpec, n_examples: int, processes: int = 1) -> tuple[int, int]:

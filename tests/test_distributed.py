@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import add_dpo, arithmetic_rows, write_jsonl, write_recipe
+from conftest import add_dpo, arithmetic_rows, preference_rows, write_jsonl, write_recipe
 from safetensors.torch import load_file
 from test_cli_sft import ENV, QALIGN, qalign, qalign_process, wait_for
 
@@ -184,3 +184,76 @@ def test_workers_leave_when_their_launcher_is_killed(recipe):
     assert not left, "workers outlived their launcher"
     done = process(*run, "--nproc", "2", "--set", "sft.max_steps=4", "--force-resume", cwd=recipe.parent)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_fsdp_rank_short_of_reference_batches_still_runs_each_forward(recipe):
+    """Under fsdp every forward gathers weights from every rank: a rank whose share of the reference pass has
+    fewer batches (here none: one held-out pair for two ranks) runs the missing forwards on a filler, and the
+    values are a single process's."""
+    folder = recipe.parent
+    write_jsonl(folder / "data" / "dpo_one.jsonl", preference_rows(1, start=300))
+    # No sft adapter in these output folders: both runs start from the base, so their references agree.
+    args = (*FP32, "--set", "dpo.data.eval=data/dpo_one.jsonl", "--set", "dpo.max_steps=1")
+    runs = {}
+    for nproc, strategy in (("2", "fsdp"), ("1", "ddp")):
+        out = f"runs/reference-{strategy}"
+        done = process(
+            "dpo",
+            str(recipe),
+            *args,
+            "--nproc",
+            nproc,
+            "--set",
+            f"distributed.strategy={strategy}",
+            "--set",
+            f"output_dir={out}",
+            cwd=folder,
+        )
+        assert done.returncode == 0, done.stderr
+        runs[strategy] = {
+            p.name.split("-")[0]: load_file(str(p))["reference"]
+            for p in (folder / out / "dpo" / "reference").iterdir()
+        }
+    assert runs["fsdp"].keys() == runs["ddp"].keys() == {"train", "eval"}
+    for name, values in runs["fsdp"].items():
+        assert values.shape == runs["ddp"][name].shape
+        assert float((values - runs["ddp"][name]).abs().max()) < 1e-5
+
+
+def test_fsdp_stops_when_a_gather_changes_the_packed_4bit_bytes(tiny_model, tmp_path):
+    """The packed NF4 bytes travel as floats through FSDP's gather; bytes that come back changed (as
+    bitsandbytes#1945 reports for bf16 storage on some GPUs) stop the run with one line instead of training on
+    garbage. One process over gloo, in this one."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.distributed as dist
+
+    from qalign.distributed import World, shard, shard_mesh
+    from qalign.errors import UserError
+    from qalign.logprobs import base_model
+    from qalign.model import attach_lora, load_base
+    from qalign.recipe import LoraSpec, ModelSpec
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        outcomes = []
+        for corrupt in (False, True):
+            spec = ModelSpec(base=str(tiny_model()), compute_dtype="fp32")
+            base = load_base(spec, torch.device("cpu"), sharded=True)
+            model = attach_lora(base, LoraSpec(r=4, dropout=0.0), gradient_checkpointing=False)
+            shard(model, shard_mesh(World(), torch.device("cpu")), torch.device("cpu"))
+            if corrupt:
+                layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+                with torch.no_grad():
+                    packed = layer.weight.to_local().view(torch.uint8).reshape(-1)
+                    packed[3] ^= 0x40
+            decoder = base_model(model).get_decoder()
+            try:
+                decoder(input_ids=torch.tensor([[1, 5, 9, 2]]))
+                outcomes.append("ran")
+            except UserError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == "ran"
+        assert "came back changed" in outcomes[1] and "use distributed.strategy: ddp" in outcomes[1]
+    finally:
+        dist.destroy_process_group()
