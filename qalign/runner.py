@@ -387,6 +387,18 @@ def plan_memory(
                 else f"turn {name}.gradient_checkpointing on (it offloads only each layer's input)"
             )
         )
+    whole = plan.components.get("base_weights", 0)
+    if (
+        processes > 1
+        and device.type == "cuda"
+        and recipe.distributed.strategy == "fsdp"
+        and whole > ram * processes
+    ):
+        progress.warn(
+            f"fsdp quantizes each process's copy of the model in host memory, one process at a time: "
+            f"{whole / 2**30:.1f} GiB, more than the {ram * processes / 2**30:.1f} GiB of RAM available; "
+            "free RAM (or add swap) before the run"
+        )
     if plan.fits is False:
         progress.warn(
             f"the plan ({plan.total_bytes / 2**30:.2f} GiB) exceeds the {where} ({free / 2**30:.1f} GiB); "

@@ -257,3 +257,30 @@ def test_fsdp_stops_when_a_gather_changes_the_packed_4bit_bytes(tiny_model, tmp_
         assert "came back changed" in outcomes[1] and "use distributed.strategy: ddp" in outcomes[1]
     finally:
         dist.destroy_process_group()
+
+
+def test_the_plan_warns_when_fsdp_cannot_load_a_copy_in_host_memory(recipe, monkeypatch):
+    """On GPUs fsdp quantizes each process's whole copy in host RAM (one process at a time): a model bigger
+    than the RAM is said before loading starts. ddp, and enough RAM, say nothing of it."""
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from qalign import memory_auto, runner
+    from qalign.model import load_tokenizer
+    from qalign.progress import Progress
+    from qalign.recipe_load import load_recipe
+    from qalign.stage_data import load_stage_data
+
+    monkeypatch.setattr(memory_auto, "free_memory", lambda kind: 24 * 2**30)
+    warnings = {}
+    for strategy, ram in (("fsdp", 2**10), ("ddp", 2**10), ("fsdp", 2**40)):
+        monkeypatch.setattr(memory_auto, "available_ram", lambda ram=ram: ram)
+        loaded = load_recipe(recipe, [f"distributed.strategy={strategy}"])
+        progress = Progress(Console(file=io.StringIO()), Console(file=io.StringIO()))
+        data = load_stage_data(loaded, "sft", load_tokenizer(loaded.model, progress.warn), progress)
+        runner.plan_memory(loaded, "sft", data, torch.device("cuda"), {}, progress, processes=2)
+        warnings[(strategy, ram)] = " ".join(progress.warnings)
+    assert "fsdp quantizes each process's copy of the model in host memory" in warnings[("fsdp", 2**10)]
+    assert "host memory" not in warnings[("ddp", 2**10)] + warnings[("fsdp", 2**40)]
