@@ -8,6 +8,7 @@ and gradients are averaged by DistributedDataParallel. Rank 0 alone writes files
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -286,13 +287,22 @@ def shard_mesh(world: World, device: torch.device) -> object:
     return init_device_mesh(device.type, (world.size,))
 
 
+TURN_TIMEOUT = datetime.timedelta(hours=12)
+"""How long a rank waits for the ones before it: loading a 70B model in host memory takes tens of minutes, and
+the process group's own timeout (10 minutes for NCCL) would end the wait first."""
+
+
 def in_turns(work: Callable[[], T], world: World) -> T:
     """`work` on every rank, one rank after another (rank 0 first), each waiting for the ones before it."""
+    if not world.many:
+        return work()
+    waits = dist.new_group(backend="gloo", timeout=TURN_TIMEOUT)
     result = None
     for rank in range(world.size):
         if rank == world.rank:
             result = work()
-        barrier(world)
+        dist.barrier(group=waits)
+    dist.destroy_process_group(waits)
     return result
 
 

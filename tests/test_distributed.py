@@ -284,3 +284,38 @@ def test_the_plan_warns_when_fsdp_cannot_load_a_copy_in_host_memory(recipe, monk
         warnings[(strategy, ram)] = " ".join(progress.warnings)
     assert "fsdp quantizes each process's copy of the model in host memory" in warnings[("fsdp", 2**10)]
     assert "host memory" not in warnings[("ddp", 2**10)] + warnings[("fsdp", 2**40)]
+
+
+def _turns_worker(rank: int, store: str, out: str) -> None:
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from qalign.distributed import World, in_turns
+
+    # The group's own timeout is far shorter than rank 0's turn: only in_turns' own wait outlasts it.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3)
+    )
+
+    def work() -> float:
+        if rank == 0:
+            time.sleep(6)
+        return time.monotonic()
+
+    done = in_turns(work, World(rank=rank, size=2))
+    Path(f"{out}-{rank}").write_text(repr(done))
+    dist.destroy_process_group()
+
+
+def test_ranks_take_turns_longer_than_the_process_groups_timeout(tmp_path):
+    """fsdp's loading turns: rank 1 starts after rank 0's turn, however long (a 70B model quantizes in host
+    memory for tens of minutes; NCCL's timeout is 10)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _turns_worker, args=(str(tmp_path / "store"), str(tmp_path / "end")), nprocs=2, start_method="spawn"
+    )
+    ends = [float((tmp_path / f"end-{rank}").read_text()) for rank in (0, 1)]
+    assert ends[1] > ends[0]
