@@ -16,7 +16,7 @@ from qalign.conversation import parse_tools
 from qalign.data import DataReport, Row, check_turns, pad, parse_messages, to_messages
 from qalign.errors import UserError
 from qalign.logprobs import base_model, gathered_logprobs, label_logprobs, unwrap
-from qalign.losses import dpo_loss
+from qalign.losses import chosen_nll, dpo_loss
 from qalign.packing import check_model, forward_kwargs
 from qalign.recipe import DpoSpec
 from qalign.template_text import ignores_tools
@@ -379,6 +379,7 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
             # under a graph that is still to be backpropagated.
             reference, _ = reference_logprobs(model, batch, reference_adapter)
         policy, counts = sequence_logprobs(model, batch)
+        nll = chosen_nll(policy[:half], counts[:half]) if spec.rpo_alpha else None
         if spec.loss == "ipo":
             # IPO is defined on length-normalised log-probs.
             policy, reference = policy / counts.clamp(min=1), reference / counts.clamp(min=1)
@@ -391,8 +392,13 @@ def make_dpo_step(spec: DpoSpec, reference_adapter: str | None):
             spec.loss,
             spec.label_smoothing,
         )
+        if nll is not None:
+            losses = losses + spec.rpo_alpha * nll
         loss = losses.sum() / norm
-        return loss, pair_metrics(loss, chosen_rewards, rejected_rewards, policy, norm)
+        metrics = pair_metrics(loss, chosen_rewards, rejected_rewards, policy, norm)
+        if nll is not None:
+            metrics["nll/chosen"] = nll.detach().sum() / norm
+        return loss, metrics
 
     return step
 

@@ -46,6 +46,8 @@ def stage_identity(
     for key, loss in (("simpo_gamma", "simpo"), ("desirable_weight", "kto"), ("undesirable_weight", "kto")):
         if name == "dpo" and section.get("loss") != loss:
             section.pop(key, None)
+    if name == "dpo" and not section.get("rpo_alpha"):
+        section.pop("rpo_alpha", None)  # off: runs from before the key existed resume
     model = dict(dumped["model"])
     # `auto` resolves per machine (bf16 on a CPU with native bf16, fp32 on another): a resume elsewhere must not
     # silently continue in another precision.

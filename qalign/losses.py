@@ -50,6 +50,12 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen reply's negative log-likelihood per token, [B] from its summed log-probs and token counts:
+    RPO's term (Pang et al. 2024), added to a pair's preference loss times `dpo.rpo_alpha`."""
+    return -chosen_logps / chosen_tokens.clamp(min=1)
+
+
 def kto_loss(
     policy: torch.Tensor,
     reference: torch.Tensor,

@@ -322,6 +322,15 @@ class DpoSpec(TrainSpec):
         description="Conservative DPO: the assumed probability that a preference label is flipped (sigmoid "
         "loss only; above 0 with another loss is an error).",
     )
+    rpo_alpha: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Weight of the chosen reply's NLL (mean per token) added to each pair's loss: RPO (Pang et "
+        "al. 2024). DPO can lower the chosen reply's likelihood along with the rejected one's and drift from "
+        "what SFT taught; this term holds it (sigmoid, ipo and hinge only; above 0 with another loss is an "
+        "error).",
+    )
     desirable_weight: float = Field(
         1.0,
         gt=0,

@@ -74,6 +74,7 @@ def _check_loss_keys(dpo: DpoSpec, locate: Callable[[str], str]) -> None:
         ("reference", dpo.reference_free, "the losses with a reference model, not simpo or orpo"),
         ("label_smoothing", dpo.loss != "sigmoid", "only the sigmoid loss"),
         ("simpo_gamma", dpo.loss != "simpo", "only the simpo loss"),
+        ("rpo_alpha", dpo.loss not in ("sigmoid", "ipo", "hinge"), "the sigmoid, ipo and hinge losses"),
         ("desirable_weight", dpo.loss != "kto", "only the kto loss"),
         ("undesirable_weight", dpo.loss != "kto", "only the kto loss"),
     )

@@ -53,5 +53,7 @@ def describe_objective(spec: DpoSpec) -> str:
             f"reply plus beta * the odds-ratio term), beta {spec.beta:g}"
         )
     smoothing = f", label_smoothing {spec.label_smoothing:g}" if spec.loss == "sigmoid" else ""
+    if spec.rpo_alpha:
+        smoothing += f", rpo_alpha {spec.rpo_alpha:g} (the chosen reply's NLL added)"
     reference = "precomputed once and cached" if spec.reference == "precompute" else "live, every step"
     return f"objective: {spec.loss}, beta {spec.beta:g}{smoothing}; reference log-probs {reference}"

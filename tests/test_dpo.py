@@ -254,6 +254,13 @@ def test_cached_reference_equals_live_pass_and_step_0_is_log_2(
         grads = [p.grad for n_, p in model.named_parameters() if p.requires_grad]
         assert grads and all(g is not None for g in grads)
         model.zero_grad()
+    # RPO at step 0: log 2 plus rpo_alpha times the chosen replies' NLL per token, averaged over the pairs.
+    rpo = make_dpo_step(DpoSpec(data={"train": "x.jsonl"}, beta=0.1, rpo_alpha=0.5), reference_adapter)
+    loss, metrics = rpo(model, collate_dpo(pairs, tokenizer.pad_token_id), len(pairs))
+    nll = float((-cached[:, 0] / cached[:, 2]).mean())
+    assert nll > 0.1
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-4)
+    assert float(metrics["nll/chosen"]) == pytest.approx(nll, abs=1e-4)
     for example in pairs:
         example.reference = None
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qalign.losses import dpo_loss
+from qalign.losses import chosen_nll, dpo_loss
 
 
 def t(*values: float) -> torch.Tensor:
@@ -71,3 +71,9 @@ def test_rewards_carry_no_gradient_and_the_loss_does():
 def test_unknown_loss_type():
     with pytest.raises(ValueError):
         dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), beta=0.1, loss_type="kto")
+
+
+def test_chosen_nll_is_the_mean_per_token():
+    """RPO's term: summed log-probs -6 over 3 tokens and -2 over 4 -> 6/3 = 2 and 2/4 = 0.5; an empty reply
+    (0 tokens, sum 0) counts as one token, 0, not a division by zero."""
+    assert chosen_nll(t(-6.0, -2.0, 0.0), torch.tensor([3, 4, 0])).tolist() == [2.0, 0.5, 0.0]

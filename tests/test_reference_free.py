@@ -57,6 +57,7 @@ def test_beta_auto_is_the_papers_value_for_the_loss(tmp_path, tiny_model, loss, 
         ("orpo", "label_smoothing", 0.1, "dpo.label_smoothing: 0.1 has no effect with dpo.loss: orpo"),
         ("ipo", "label_smoothing", 0.1, "dpo.label_smoothing: 0.1 has no effect with dpo.loss: ipo"),
         ("sigmoid", "simpo_gamma", 1.0, "dpo.simpo_gamma: 1.0 has no effect with dpo.loss: sigmoid"),
+        ("orpo", "rpo_alpha", 1.0, "dpo.rpo_alpha: 1.0 has no effect with dpo.loss: orpo"),
         ("simpo", "desirable_weight", 1.3, "dpo.desirable_weight: 1.3 has no effect with dpo.loss: simpo"),
         (
             "sigmoid",
