@@ -205,6 +205,8 @@ def estimate(
     fused = target == "cpu" and model.quantization != "none" and dtype in ("bf16", "fp32")
     per_layer = _layer_bytes_per_token(arch, recipe.lora, dtype, r, dropout, masked or attn == "eager", fused)
     attention = _attention_scores_bytes(arch, attn, rows, seq, a)
+    if not packing and attn == "sdpa":
+        attention += _blocked_attention_bytes(arch, target, dtype, rows, seq, mask if masked else 0)
     saved_layers = arch.layers * (per_layer * tokens + attention) + mask
     inputs_only = arch.layers * arch.hidden * a * tokens + mask  # what checkpointing keeps of each layer
     # ids, labels and positions (int64) live all step; the final norm's fp32 input and the decoder's output
@@ -311,6 +313,27 @@ _ATTENTION_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_
 _MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"}
 _MLP_OUT = {"down_proj", "fc2", "w2"}
 _ATTENTION_OUT = {"o_proj", "out_proj", "dense"}
+
+
+def _blocked_attention_bytes(
+    arch: Architecture, target: str, dtype: str, rows: int, seq: int, mask: int
+) -> int:
+    """What a layer's attention saves beyond the per-token count on a CPU in bf16 or fp16, where whole padded
+    rows attend in 64-token blocks (packing._blocked_sdpa): padded copies of the query, key, value, output and
+    mask, and the output projection's input no longer the very tensor attention keeps."""
+    import torch
+
+    from qalign.model import DTYPES
+    from qalign.packing import attention_length
+
+    size = attention_length(seq, torch.device(target), DTYPES[dtype])
+    if size == seq:
+        return 0
+    a = DTYPE_BYTES[dtype]
+    q = arch.heads * arch.head_dim
+    kv = q if mask or arch.kv_heads == arch.heads else arch.kv_heads * arch.head_dim
+    padded_mask = mask * size * size // (seq * seq)
+    return rows * (size - seq) * (a * (2 * q + 2 * kv) + 4 * arch.heads) + padded_mask + rows * seq * q * a
 
 
 def _layer_bytes_per_token(

@@ -387,3 +387,18 @@ def test_auto_leaves_dpo_pairs_padded_and_true_packs_them(tmp_path, tiny_model):
     kto = packed.model_copy(update={"dpo": packed.dpo.model_copy(update={"loss": "kto"})})
     with pytest.raises(UserError, match=r"dpo\.packing: true, but KTO's rows are not packed"):
         resolve_auto(arch, kto, "dpo", lengths, "cpu", None)
+
+
+def test_the_plan_counts_what_blocked_cpu_attention_saves():
+    """Padded rows of 100 tokens attend as 128 on a CPU in bf16 (packing._blocked_sdpa), saving padded copies:
+    2 rows x 28 extra tokens x (2 bytes x (2 x 64 query/output + 2 x 64 key/value) + 4 x 4 heads' logsumexp)
+    = 29,568; the mask 40,000 bytes at 100 x 100 -> 65,536 at 128 x 128; and the output projection's own input,
+    2 x 100 x 64 x 2 = 25,600. Nothing on a GPU, in fp32, or where the length is already whole blocks."""
+    from qalign.memory import _blocked_attention_bytes
+    from qalign.model_shapes import Architecture
+
+    arch = Architecture("llama", 1000, 64, 128, 2, 4, 4, 16, [], {}, 0, 0, {})
+    assert _blocked_attention_bytes(arch, "cpu", "bf16", 2, 100, 40_000) == 29_568 + 65_536 + 25_600
+    assert _blocked_attention_bytes(arch, "cuda", "bf16", 2, 100, 40_000) == 0
+    assert _blocked_attention_bytes(arch, "cpu", "fp32", 2, 100, 40_000) == 0
+    assert _blocked_attention_bytes(arch, "cpu", "bf16", 2, 128, 40_000) == 0
