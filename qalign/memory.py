@@ -171,7 +171,9 @@ def estimate(
         sizes = sorted(lengths.rows, reverse=True)[:batch] or [(longest, longest - 1)] * batch
         seq = sum(n for n, _ in sizes)
         trained = min(seq - 1, sum(t for _, t in sizes))
-        pair_masks = sum(n * n for n, _ in sizes) * a if stage == "dpo" else 0
+        # forward_kwargs pads each pair's mask once, to its segment's attention length.
+        blocks = [_attention_length(n, target, dtype) for n, _ in sizes]
+        pair_masks = sum(b * b for b in blocks) * a if stage == "dpo" else 0
         what = f"packed: the {len(sizes)} longest {'pair rows' if stage == 'dpo' else 'examples'} end to end"
         what += f"; {lengths.note}" if lengths.note else ""
     elif pair_rows:
@@ -205,8 +207,17 @@ def estimate(
     fused = target == "cpu" and model.quantization != "none" and dtype in ("bf16", "fp32")
     per_layer = _layer_bytes_per_token(arch, recipe.lora, dtype, r, dropout, masked or attn == "eager", fused)
     attention = _attention_scores_bytes(arch, attn, rows, seq, a)
-    if not packing and attn == "sdpa":
-        attention += _blocked_attention_bytes(arch, target, dtype, rows, seq, mask if masked else 0)
+    if packing:
+        # Each segment's attention keeps its own (blocked) output; the output projection reads their
+        # concatenation, a tensor of its own.
+        attention += _attention_copies(arch, a, masked, seq, sum(blocks) - seq)
+    elif attn == "sdpa":
+        size = _attention_length(seq, target, dtype)
+        if size > seq:
+            # packing._blocked_sdpa: the row's padded copies, its mask's included, and the output projection's
+            # input no longer the tensor attention keeps.
+            padded = mask * size * size // (seq * seq) if masked else 0
+            attention += _attention_copies(arch, a, masked, rows * seq, rows * (size - seq)) + padded
     saved_layers = arch.layers * (per_layer * tokens + attention) + mask
     inputs_only = arch.layers * arch.hidden * a * tokens + mask  # what checkpointing keeps of each layer
     # ids, labels and positions (int64) live all step; the final norm's fp32 input and the decoder's output
@@ -315,25 +326,22 @@ _MLP_OUT = {"down_proj", "fc2", "w2"}
 _ATTENTION_OUT = {"o_proj", "out_proj", "dense"}
 
 
-def _blocked_attention_bytes(
-    arch: Architecture, target: str, dtype: str, rows: int, seq: int, mask: int
-) -> int:
-    """What a layer's attention saves beyond the per-token count on a CPU in bf16 or fp16, where whole padded
-    rows attend in 64-token blocks (packing._blocked_sdpa): padded copies of the query, key, value, output and
-    mask, and the output projection's input no longer the very tensor attention keeps."""
+def _attention_length(n: int, target: str, dtype: str) -> int:
     import torch
 
     from qalign.model import DTYPES
     from qalign.packing import attention_length
 
-    size = attention_length(seq, torch.device(target), DTYPES[dtype])
-    if size == seq:
-        return 0
-    a = DTYPE_BYTES[dtype]
+    return attention_length(n, torch.device(target), DTYPES[dtype])
+
+
+def _attention_copies(arch: Architecture, a: int, masked: bool, tokens: int, padding: int) -> int:
+    """Bytes attention saves beyond the per-token count when its output is not the output projection's input
+    (`tokens` of that input) and when it runs on `padding` extra positions (copies of query, key, value and
+    output, and the logsumexp of each head)."""
     q = arch.heads * arch.head_dim
-    kv = q if mask or arch.kv_heads == arch.heads else arch.kv_heads * arch.head_dim
-    padded_mask = mask * size * size // (seq * seq)
-    return rows * (size - seq) * (a * (2 * q + 2 * kv) + 4 * arch.heads) + padded_mask + rows * seq * q * a
+    kv = q if masked or arch.kv_heads == arch.heads else arch.kv_heads * arch.head_dim
+    return tokens * q * a + padding * (a * (2 * q + 2 * kv) + 4 * arch.heads)
 
 
 def _layer_bytes_per_token(

@@ -389,16 +389,15 @@ def test_auto_leaves_dpo_pairs_padded_and_true_packs_them(tmp_path, tiny_model):
         resolve_auto(arch, kto, "dpo", lengths, "cpu", None)
 
 
-def test_the_plan_counts_what_blocked_cpu_attention_saves():
-    """Padded rows of 100 tokens attend as 128 on a CPU in bf16 (packing._blocked_sdpa), saving padded copies:
-    2 rows x 28 extra tokens x (2 bytes x (2 x 64 query/output + 2 x 64 key/value) + 4 x 4 heads' logsumexp)
-    = 29,568; the mask 40,000 bytes at 100 x 100 -> 65,536 at 128 x 128; and the output projection's own input,
-    2 x 100 x 64 x 2 = 25,600. Nothing on a GPU, in fp32, or where the length is already whole blocks."""
-    from qalign.memory import _blocked_attention_bytes
+def test_the_plan_counts_what_padded_and_packed_attention_saves_beyond_its_tokens():
+    """Attention run on extra positions keeps copies of query, key, value and output (2 bytes x (2 x 64 + 2 x
+    64)) and a logsumexp per head (4 x 4): 28 extra positions are 28 x 528 = 14,784 bytes; an output projection
+    whose input is not the tensor attention keeps adds its 100 tokens x 64 x 2 = 12,800. Blocks are 64 tokens
+    on a CPU in bf16 only."""
+    from qalign.memory import _attention_copies, _attention_length
     from qalign.model_shapes import Architecture
 
     arch = Architecture("llama", 1000, 64, 128, 2, 4, 4, 16, [], {}, 0, 0, {})
-    assert _blocked_attention_bytes(arch, "cpu", "bf16", 2, 100, 40_000) == 29_568 + 65_536 + 25_600
-    assert _blocked_attention_bytes(arch, "cuda", "bf16", 2, 100, 40_000) == 0
-    assert _blocked_attention_bytes(arch, "cpu", "fp32", 2, 100, 40_000) == 0
-    assert _blocked_attention_bytes(arch, "cpu", "bf16", 2, 128, 40_000) == 0
+    assert _attention_copies(arch, 2, False, 100, 28) == 12_800 + 14_784
+    assert _attention_length(100, "cpu", "bf16") == 128
+    assert _attention_length(100, "cuda", "bf16") == _attention_length(100, "cpu", "fp32") == 100
