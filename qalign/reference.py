@@ -118,7 +118,7 @@ def attach_reference(
         if is_sharded(model):
             # Rank 0's share is the largest: every rank runs its number of batches.
             sharding = {
-                "rounds": -(-min(per_rank, len(examples)) // batch_size),
+                "rounds": -(-per_rank // batch_size),
                 "filler": examples[:1],
                 "skip_adapter": not any_rank(not adds_nothing(model), world),
             }
