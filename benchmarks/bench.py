@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,15 @@ LEVER_RUNS = [
     ("compute-dtype", "sft", ["--set", "model.compute_dtype=fp32"]),
     ("compute-dtype", "dpo", ["--set", "model.compute_dtype=fp32"]),
 ]
+
+
+# How an AVX2-only CPU (no AVX512, no native bf16: older Intel, AMD before Zen 4) is emulated on a newer one:
+# torch's own kernels at its AVX2 level (bitsandbytes' CPU backend follows that level too), oneDNN and MKL
+# limited to AVX2. The caches, memory bandwidth and clock stay this machine's.
+CPU_KINDS = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,6 +96,12 @@ def parse_args() -> argparse.Namespace:
         help="where to write (default benchmarks/RESULTS.md; --quick: nowhere)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument(
+        "--cpu-kind",
+        choices=sorted(CPU_KINDS),
+        default="native",
+        help="avx2: emulate an AVX2-only CPU (default results file RESULTS_AVX2.md)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.model, args.reps, args.steps, args.warmup, args.levers = "tiny", 1, 4, 1, False
@@ -95,8 +111,29 @@ def parse_args() -> argparse.Namespace:
         # A smoke run does not overwrite the recorded results, unless told where to write.
         args.no_write = args.no_write or args.results is None
     if args.results is None:
-        args.results = HERE / "RESULTS.md"
+        args.results = HERE / (
+            "RESULTS.md" if args.cpu_kind == "native" else f"RESULTS_{args.cpu_kind.upper()}.md"
+        )
     return args
+
+
+def emulate(kind: str) -> None:
+    """Restart this process with the CPU kind's environment, which torch reads when it loads (the workers
+    inherit it); a no-op when it is already set."""
+    wanted = CPU_KINDS[kind]
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+
+
+def compute_is_fp32() -> bool:
+    import torch
+
+    from qalign.model import compute_dtype
+
+    return (
+        compute_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")) == torch.float32
+    )
 
 
 def modes_of(args: argparse.Namespace, workload: str) -> list[str]:
@@ -155,6 +192,7 @@ def medians(runs: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
+    emulate(args.cpu_kind)
     console = Console(width=max(Console().width, 120))
     try:
         import trl  # noqa: F401
@@ -192,6 +230,16 @@ def main() -> None:
                                 f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB  "
                                 f"first step at {result['first_step_s']:5.1f} s"
                             )
+                # In fp32, TRL's adapters still run in bf16 (its cast for 4-bit bases), which a CPU without
+                # native bf16 emulates: measured once more with them in fp32, to show what the cast costs.
+                if "uniform" in workloads and "gc-on" in args.modes and compute_is_fp32():
+                    extra = ["--trl-adapters", "compute"]
+                    result = run_worker(args, root, workloads["uniform"], "trl", stage, "gc-on", extra)
+                    runs.setdefault(("trl-fp32-adapters", stage, "gc-on", "uniform"), []).append(result)
+                    console.print(
+                        f"  rep {rep + 1}/{args.reps} {stage} uniform gc-on    TRL, fp32 adapters "
+                        f"{result['tokens_per_s']:8.0f} tok/s  {result['peak_mib']:7.0f} MiB"
+                    )
                 # Levers are measured on the uniform workload, against qalign's gc-on there.
                 if args.levers and "uniform" in workloads:
                     for name, lever_stage, extra in LEVER_RUNS:

@@ -141,7 +141,16 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         )
     # DPOTrainer makes its reference pass while it is built; that is timed on its own (precompute_s).
     clock.phases["trainer setup (LoRA, tokenizing)"] -= clock.precompute_s
+    if args.trl_adapters == "compute":
+        # TRL casts a quantized model's adapters to bf16 whatever the compute dtype (the QLoRA paper's recipe).
+        # Where that dtype is fp32 (a CPU without native bf16) this undoes the cast, to show what it costs.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
     trainer.train()
+    adapter_dtypes = {
+        str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad
+    }
     settings = {
         "gradient_checkpointing": config.gradient_checkpointing,
         "bf16": config.bf16,
@@ -150,6 +159,7 @@ def run_trl(args: argparse.Namespace, clock: StepClock) -> dict:
         "padding_free": getattr(trainer, "padding_free", config.padding_free),
         "optim": config.optim,
         "lora_dropout": LORA["dropout"],
+        "adapter_dtype": ",".join(sorted(adapter_dtypes)),
     }
     if args.stage == "sft":
         settings.update(packing=config.packing, loss_type=config.loss_type)

@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set", dest="overrides", action="append", default=[], help="qalign only: a recipe override K=V"
     )
     parser.add_argument(
+        "--trl-adapters",
+        choices=("trl", "compute"),
+        default="trl",
+        help="TRL only: its adapters as TRL makes them (bf16 with a 4-bit base) or in the compute dtype",
+    )
+    parser.add_argument(
         "--lever",
         action="append",
         default=[],

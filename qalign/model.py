@@ -42,7 +42,10 @@ def dtype_name(name: str, target: str) -> str:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower
-    than fp32."""
+    than fp32. torch's own kernels must also run at the AVX512 level: with ATEN_CPU_CAPABILITY=avx2 (how an
+    AVX2-only CPU is emulated, see benchmarks/bench.py --cpu-kind) its bf16 elementwise ops are emulated too."""
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)

@@ -94,6 +94,15 @@ def test_auto_compute_dtype_on_cpu_follows_native_bf16():
     assert compute_dtype("fp32", CPU) == torch.float32
 
 
+def test_auto_is_fp32_where_torch_runs_its_kernels_at_the_avx2_level(monkeypatch):
+    # Even on a CPU with AMX: ATEN_CPU_CAPABILITY=avx2 (the bench's emulated AVX2-only CPU) emulates bf16 ops.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert compute_dtype("auto", CPU) == torch.bfloat16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert compute_dtype("auto", CPU) == torch.float32
+
+
 def _bf16_lora(tiny_model, tuned: bool) -> torch.nn.Module:
     spec = ModelSpec(base=str(tiny_model("llama")), compute_dtype="bf16")
     model = attach_lora(load_base(spec, CPU), LoraSpec(r=4, alpha=8, dropout=0.0), False)
