@@ -140,21 +140,19 @@ def fake_entry(tokens_per_s: float, startup_s: float, phases: dict) -> dict:
     }
 
 
+def bench_args(**chosen: object) -> argparse.Namespace:
+    """What bench.py's parser gives the report: a tiny run, the rest as `chosen` says."""
+    fixed = dict(reps=1, steps=4, warmup=1, batch_size=4, grad_accum=1, prompt_words=8, response_words=8)
+    return argparse.Namespace(**fixed, peak_tflops=None, **chosen)
+
+
+TINY_MODEL = {"name": "tiny", "architecture": "LlamaConfig", "parameters": 2e5, "non_embedding": 1e5}
+
+
 def test_results_show_cpu_workloads_and_startup() -> None:
     report = bench_module("bench_report")
-    args = argparse.Namespace(
-        stages=["sft"],
-        modes=["gc-on", "defaults"],
-        mixed_modes=["defaults"],
-        workloads=["uniform", "mixed"],
-        reps=1,
-        steps=4,
-        warmup=1,
-        batch_size=4,
-        grad_accum=1,
-        prompt_words=8,
-        response_words=8,
-        peak_tflops=None,
+    args = bench_args(
+        stages=["sft"], modes=["gc-on", "defaults"], mixed_modes=["defaults"], workloads=["uniform", "mixed"]
     )
     ours = {"qalign imports": 5.0, "model (load, quantize, LoRA)": 0.5, "other": 0.5}
     summary = {
@@ -168,8 +166,7 @@ def test_results_show_cpu_workloads_and_startup() -> None:
         "uniform": {"workload": "uniform", "min_words": 16, "median_words": 16, "max_words": 16},
         "mixed": {"workload": "mixed", "min_words": 20, "median_words": 90, "max_words": 400},
     }
-    model = {"name": "tiny", "architecture": "LlamaConfig", "parameters": 2e5, "non_embedding": 1e5}
-    text = report.render_results(summary, args, model, ["bench.py"], workloads)
+    text = report.render_results(summary, args, TINY_MODEL, ["bench.py"], workloads)
     assert "- CPU: " in text and "resolves to" in text and "hold for this CPU" in text
     assert "`mixed`: each prompt, response, chosen and rejected its own length" in text
     assert "| mixed | sft | defaults | 300 | 100 | **3.00x** |" in text
@@ -181,36 +178,21 @@ def test_results_show_cpu_workloads_and_startup() -> None:
         assert len({row.count("|") for row in rows}) <= 1, block
     assert "| sft | gc-on | #22 | 1.5x | 3.00x | 1.00x | yes |" in text
     assert "Emulated" not in text and "fp32 adapters" not in text
-    table = report.results_table(summary, args, model)
+    table = report.results_table(summary, args, TINY_MODEL)
     assert [c.header for c in table.columns][:4] == ["workload", "stage", "mode", "tool"]
     assert "to 1st step s" in [c.header for c in table.columns]
 
 
 def test_results_of_an_emulated_cpu_show_it_and_what_trls_adapter_cast_costs(monkeypatch) -> None:
     report = bench_module("bench_report")
-    args = argparse.Namespace(
-        stages=["dpo"],
-        modes=["gc-on"],
-        mixed_modes=[],
-        workloads=["uniform"],
-        reps=1,
-        steps=4,
-        warmup=1,
-        batch_size=4,
-        grad_accum=1,
-        prompt_words=8,
-        response_words=8,
-        peak_tflops=None,
-        cpu_kind="avx2",
-    )
+    args = bench_args(stages=["dpo"], modes=["gc-on"], mixed_modes=[], workloads=["uniform"], cpu_kind="avx2")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     summary = {
         (kind, "dpo", "gc-on", "uniform"): fake_entry(speed, 6.0, {"other": 1.0})
         for kind, speed in (("qalign", 600.0), ("trl", 200.0), ("trl-fp32-adapters", 400.0))
     }
     workloads = {"uniform": {"workload": "uniform", "min_words": 16, "median_words": 16, "max_words": 16}}
-    model = {"name": "tiny", "architecture": "LlamaConfig", "parameters": 2e5, "non_embedding": 1e5}
-    text = report.render_results(summary, args, model, ["bench.py", "--cpu-kind", "avx2"], workloads)
+    text = report.render_results(summary, args, TINY_MODEL, ["bench.py", "--cpu-kind", "avx2"], workloads)
     assert "**Emulated AVX2-only CPU** (ATEN_CPU_CAPABILITY=avx2)" in text
     assert "| dpo | gc-on | 200 | 400 | 600 | **3.00x** | **1.50x** |" in text
     assert "| dpo | gc-on | #22 | 3.0x | 3.00x | 1.00x | yes |" in text
