@@ -146,6 +146,13 @@ def bench_args(**chosen: object) -> argparse.Namespace:
     return argparse.Namespace(**fixed, peak_tflops=None, **chosen)
 
 
+def assert_tables_well_formed(text: str) -> None:
+    """Every markdown table row has as many cells as its header."""
+    for block in text.split("\n\n"):
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len({row.count("|") for row in rows}) <= 1, block
+
+
 TINY_MODEL = {"name": "tiny", "architecture": "LlamaConfig", "parameters": 2e5, "non_embedding": 1e5}
 
 
@@ -172,10 +179,7 @@ def test_results_show_cpu_workloads_and_startup() -> None:
     assert "| mixed | sft | defaults | 300 | 100 | **3.00x** |" in text
     assert "| uniform | sft | gc-on | 6.0 | 7.0 | 0.86x | 7.0 | 8.0 | 0.88x |" in text
     assert "| workload | stage | mode | qalign imports | model (load, quantize, LoRA) | other |" in text
-    # Every markdown table row has as many cells as its header.
-    for block in text.split("\n\n"):
-        rows = [line for line in block.splitlines() if line.startswith("|")]
-        assert len({row.count("|") for row in rows}) <= 1, block
+    assert_tables_well_formed(text)
     assert "| sft | gc-on | #22 | 1.5x | 3.00x | 1.00x | yes |" in text
     assert "Emulated" not in text and "fp32 adapters" not in text
     table = report.results_table(summary, args, TINY_MODEL)
@@ -196,6 +200,4 @@ def test_results_of_an_emulated_cpu_show_it_and_what_trls_adapter_cast_costs(mon
     assert "**Emulated AVX2-only CPU** (ATEN_CPU_CAPABILITY=avx2)" in text
     assert "| dpo | gc-on | 200 | 400 | 600 | **3.00x** | **1.50x** |" in text
     assert "| dpo | gc-on | #22 | 3.0x | 3.00x | 1.00x | yes |" in text
-    for block in text.split("\n\n"):
-        rows = [line for line in block.splitlines() if line.startswith("|")]
-        assert len({row.count("|") for row in rows}) <= 1, block
+    assert_tables_well_formed(text)
