@@ -25,7 +25,7 @@ from rich.console import Console
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_report import machine, render_results, results_table  # noqa: E402
+from bench_report import CPU_KINDS, machine, render_results, results_table  # noqa: E402
 from bench_setup import MODELS, WORKLOADS, build_model, write_data  # noqa: E402
 from bench_worker import MODES  # noqa: E402
 
@@ -44,15 +44,6 @@ LEVER_RUNS = [
     ("compute-dtype", "sft", ["--set", "model.compute_dtype=fp32"]),
     ("compute-dtype", "dpo", ["--set", "model.compute_dtype=fp32"]),
 ]
-
-
-# How an AVX2-only CPU (no AVX512, no native bf16: older Intel, AMD before Zen 4) is emulated on a newer one:
-# torch's own kernels at its AVX2 level (bitsandbytes' CPU backend follows that level too), oneDNN and MKL
-# limited to AVX2. The caches, memory bandwidth and clock stay this machine's.
-CPU_KINDS = {
-    "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-}
 
 
 def parse_args() -> argparse.Namespace:
