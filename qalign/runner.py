@@ -17,6 +17,7 @@ from transformers import set_seed
 
 from qalign import __version__
 from qalign.adapter import model_card, read_metadata, save_adapter
+from qalign.allocator import keep_freed_memory
 from qalign.checkpoint import CheckpointManager
 from qalign.distributed import (
     SINGLE,
@@ -175,6 +176,10 @@ def run_stage(
         # Under fsdp the processes load one after another, each keeping only its shard before the next loads:
         # one whole copy of the model in host memory at a time.
         model, stage = in_turns(build, world) if sharded else build()
+        if device.type == "cpu":
+            # After loading, whose buffers are gone for good; before the reference pass and the steps, which
+            # allocate the same tensors again and again.
+            keep_freed_memory()
         if stage.prepare is not None:
             stage.prepare()
         config = recipe.model_dump(mode="json")
