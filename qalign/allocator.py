@@ -7,7 +7,7 @@ there. Either way the next step writes to pages the kernel has to fault in and z
 On the 2-core Intel AMX Xeon of benchmarks/RESULTS.md the bench's DPO run (checkpointing on) took 4,000-22,000
 minor faults per step, and SFT 4,000-21,000, at about 1.3 us each (measured by forcing 290,000 a step, which
 halved the speed). With blocks up to 1 GiB served from the heap and the heap never trimmed below 2 GiB free,
-the same runs took under 100 faults a step and 2-5 ms of kernel time instead of 11-51; an SFT step with
+the same runs took at most 110 faults a step and 2-5 ms of kernel time instead of 11-51; an SFT step with
 Qwen2.5-0.5B's shapes, 33-245 ms instead of 247-615. What it costs is memory the process keeps: peak RSS rose
 about 1% (median) on the bench's model and 3.5% on the 0.5B one (benchmarks/RESULTS_NOTES.md). PyTorch's
 tuning guide gets the same by preloading jemalloc or tcmalloc; this needs neither an install nor an
