@@ -203,12 +203,15 @@ def measure_parts(case: Case, recipe) -> tuple[int, int]:
     from qalign.dpo import disable_dropout, make_dpo_step
     from qalign.lora import tune_lora_layers
     from qalign.model import attach_lora, compute_dtype, load_base
+    from qalign.rmsnorm import fuse_rms_norms
     from qalign.sft import sft_step
 
     device = torch.device("cpu")
     base = load_base(recipe.model, device)
     model = attach_lora(base, recipe.lora, case.checkpointing)
-    tune_lora_layers(model, compute_dtype(recipe.model.compute_dtype, device))
+    dtype = compute_dtype(recipe.model.compute_dtype, device)
+    tune_lora_layers(model, dtype)
+    fuse_rms_norms(model, dtype)  # as runner.load_model does on a CPU
     step_loss = sft_step
     if case.stage == "dpo":
         disable_dropout(model)

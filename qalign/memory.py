@@ -205,7 +205,11 @@ def estimate(
     dropout = recipe.lora.dropout > 0 and stage != "dpo"
     # On a CPU each adapter on a 4-bit base runs as one node (qalign/lora.py) that keeps its shared input.
     fused = target == "cpu" and model.quantization != "none" and dtype in ("bf16", "fp32")
-    per_layer = _layer_bytes_per_token(arch, recipe.lora, dtype, r, dropout, masked or attn == "eager", fused)
+    # On a CPU, qalign/rmsnorm.py's node keeps a Llama-style norm's input as it is, not an fp32 copy.
+    norm_input = DTYPE_BYTES[dtype] if target == "cpu" and arch.norm_node else 4
+    per_layer = _layer_bytes_per_token(
+        arch, recipe.lora, dtype, r, dropout, masked or attn == "eager", fused, norm_input
+    )
     attention = _attention_scores_bytes(arch, attn, rows, seq, a)
     if packing:
         # Each segment's attention keeps its own (blocked) output; the output projection reads their
@@ -220,10 +224,10 @@ def estimate(
             attention += _attention_copies(arch, a, masked, rows * seq, rows * (size - seq)) + padded
     saved_layers = arch.layers * (per_layer * tokens + attention) + mask
     inputs_only = arch.layers * arch.hidden * a * tokens + mask  # what checkpointing keeps of each layer
-    # ids, labels and positions (int64) live all step; the final norm's fp32 input and the decoder's output
-    # until the backward reaches them, before any layer's.
+    # ids, labels and positions (int64) live all step; the final norm's input (as it keeps it) and the
+    # decoder's output until the backward reaches them, before any layer's.
     ids = 24 * tokens
-    final = (4 * arch.hidden + arch.hidden * a) * tokens
+    final = (norm_input * arch.hidden + arch.hidden * a) * tokens
     logits = _loss_head_bytes(arch, positions, a)
     head = ids + final + logits
     # A layer's backward holds, besides its saved tensors, the gradient coming down the residual stream and
@@ -345,7 +349,14 @@ def _attention_copies(arch: Architecture, a: int, masked: bool, tokens: int, pad
 
 
 def _layer_bytes_per_token(
-    arch: Architecture, lora: LoraSpec, dtype: str, r: int, dropout: bool, masked: bool, fused: bool = False
+    arch: Architecture,
+    lora: LoraSpec,
+    dtype: str,
+    r: int,
+    dropout: bool,
+    masked: bool,
+    fused: bool = False,
+    norm_input: int = 4,
 ) -> float:
     """Bytes one decoder layer saves for backward, per token, counted tensor by tensor for a Llama-style
     layer (other families are close to it). bitsandbytes' 4-bit matmul keeps no input (the weight is
@@ -356,8 +367,9 @@ def _layer_bytes_per_token(
     h, i = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     layers = max(arch.layers, 1)
-    # RMSNorm keeps its input in fp32 (an upcast copy in bf16; in fp32, the residual itself) and its rsqrt.
-    size = arch.norms_per_layer * (4 * h + 4)
+    # RMSNorm keeps its input in fp32 (an upcast copy in bf16; in fp32, the residual itself), or as it came
+    # (norm_input bytes: qalign/rmsnorm.py's node), and its rsqrt.
+    size = arch.norms_per_layer * (norm_input * h + 4)
     # Attention keeps the rotated query, key and value and its output (sdpa; eager adds its scores
     # separately); with a mask the key and value are repeated to every query head first. sdpa also keeps
     # the logsumexp of each head, in fp32.

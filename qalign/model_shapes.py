@@ -12,6 +12,7 @@ import torch
 
 from qalign.errors import UserError
 from qalign.recipe import ModelSpec
+from qalign.rmsnorm import looks_like_rms_norm
 
 BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quant: the absmax are themselves quantized in blocks of 256
@@ -41,6 +42,9 @@ class Architecture:
     linears: dict[str, list[tuple[int, int]]]
     """Leaf name (q_proj, ...) -> (in, out) of each decoder linear layer with that name."""
     norms_per_layer: int = 2
+    norm_node: bool = False
+    """The layers' norms are Llama-style RMSNorms, which a CPU run computes as one node keeping its input in the
+    compute dtype rather than an fp32 copy (qalign/rmsnorm.py)."""
     sliding_window: int | None = None
     attention: str = "sdpa"
     """The attention transformers picks when the recipe names none (eager for models without sdpa: Gemma 2)."""
@@ -133,7 +137,10 @@ def describe(config: object, spec: ModelSpec, source: str = "") -> Architecture:
         ),
         None,
     )
-    norms = sum("norm" in type(m).__name__.lower() for m in layer.modules()) if layer is not None else 2
+    norm_modules = (
+        [m for m in layer.modules() if "norm" in type(m).__name__.lower()] if layer is not None else []
+    )
+    norms = len(norm_modules) if layer is not None else 2
     heads = config.num_attention_heads
     hidden = config.hidden_size
     return Architecture(
@@ -151,6 +158,7 @@ def describe(config: object, spec: ModelSpec, source: str = "") -> Architecture:
         buffers_compute_elems=sum(n // 2 for n, f in zip(buffers, follows, strict=True) if f),
         linears=linears,
         norms_per_layer=norms,
+        norm_node=bool(norm_modules) and all(looks_like_rms_norm(m) for m in norm_modules),
         sliding_window=getattr(config, "sliding_window", None),
         attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
         source=source,

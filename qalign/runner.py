@@ -48,6 +48,7 @@ from qalign.model import (
 )
 from qalign.progress import Progress, format_duration
 from qalign.recipe import Recipe, TrainSpec
+from qalign.rmsnorm import fuse_rms_norms
 from qalign.stage_data import StageData, load_stage_data
 from qalign.trackers import Trackers, check_available
 from qalign.train import Stage, Trainer
@@ -437,6 +438,8 @@ def load_model(
     spec: TrainSpec = getattr(recipe, name)
     model = attach_lora(base, recipe.lora, spec.gradient_checkpointing, start)
     tune_lora_layers(model, dtype)
+    if device.type == "cpu":
+        fuse_rms_norms(model, dtype)
     trainable, total = count_parameters(model)
     source = f"from {start}" if start else f"r={recipe.lora.r}"
     progress.info(f"LoRA {source}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.3%})")
