@@ -41,6 +41,8 @@ LEVER_RUNS = [
     ("fused-lora", "dpo", ["--lever", "fused-lora"]),
     ("lora-layer", "sft", ["--lever", "lora-layer"]),
     ("lora-layer", "dpo", ["--lever", "lora-layer"]),
+    ("fused-rmsnorm", "sft", ["--lever", "fused-rmsnorm"]),
+    ("fused-rmsnorm", "dpo", ["--lever", "fused-rmsnorm"]),
     ("keep-freed-memory", "sft", ["--lever", "keep-freed-memory"]),
     ("keep-freed-memory", "dpo", ["--lever", "keep-freed-memory"]),
     ("compute-dtype", "sft", ["--set", "model.compute_dtype=fp32"]),

@@ -17,6 +17,8 @@ LEVERS = {
     "clone, dropout, A, B, scaling and add, with qalign's dropout mask and bf16 adapter matmuls)",
     "lora-layer": "everything qalign/lora.py and qalign/dropout.py change (off: peft's own LoRA layers: "
     "nn.Dropout's Bernoulli mask, every adapter input cast to fp32)",
+    "fused-rmsnorm": "each RMSNorm as one autograd node keeping its input, on a CPU (qalign/rmsnorm.py; off: "
+    "transformers' own, eight nodes keeping an fp32 copy)",
     "keep-freed-memory": "freed memory kept by malloc for the next step, on a CPU (qalign/allocator.py; off: "
     "glibc's defaults, which give it back to the kernel and fault it in again)",
 }
@@ -52,6 +54,8 @@ def apply_levers(off: list[str]) -> None:
 
     if "keep-freed-memory" in off:
         runner.keep_freed_memory = lambda: False
+    if "fused-rmsnorm" in off:
+        runner.fuse_rms_norms = lambda model, dtype: 0
     if "lora-layer" in off:
         runner.tune_lora_layers = lambda model, dtype: None
     elif "fused-lora" in off:
