@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,20 @@ def add_dpo(recipe: Path, **dpo_overrides) -> Path:
     data["dpo"] = dpo
     recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return recipe
+
+
+@contextmanager
+def saved_storage_bytes() -> Iterator[dict[int, int]]:
+    """What autograd saves for backward inside the block: storage address -> bytes, each storage once (a tensor
+    saved by several nodes is one allocation)."""
+    import torch
+
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved

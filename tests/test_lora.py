@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import saved_storage_bytes
 
 from qalign.dropout import UniformDropout
 from qalign.logprobs import label_logprobs
@@ -121,14 +122,7 @@ def _step(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]
     ids = torch.arange(3, 35).view(2, 16)
     labels = ids.clone()
     labels[:, :4] = -100
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_storage_bytes() as saved:
         logps, _ = label_logprobs(model, ids, torch.ones_like(ids), labels)
     (-logps.mean()).backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}

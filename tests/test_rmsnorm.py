@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import saved_storage_bytes
 
 from qalign.model import load_base
 from qalign.recipe import ModelSpec
@@ -24,14 +25,7 @@ def _base(tiny_model, arch: str, dtype: str) -> torch.nn.Module:
 
 def _forward_backward(norm: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple:
     x = x.clone().requires_grad_(True)
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_storage_bytes() as saved:
         y = norm(x)
     y.backward(grad)
     return y.detach(), x.grad, sum(saved.values())
